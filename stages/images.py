@@ -1,0 +1,44 @@
+"""Image decoding: one function, every format and colour model the pipeline accepts."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages.errors import PipelineError
+
+# Large scans and aerial images are legitimate input; Pillow's decompression-bomb
+# guard (89 M pixels) would reject them with a warning promoted to an error later.
+Image.MAX_IMAGE_PIXELS = 2**31
+
+
+class ImageError(PipelineError, ValueError):
+    """An image file is missing, truncated or not a decodable image."""
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode ``path`` to an ``(H, W, 3)`` uint8 RGB array.
+
+    Grayscale, palette, CMYK, 16-bit and alpha images are converted to RGB. The
+    format is taken from the file's content, not its name (a PNG named ``.jpg``
+    decodes). EXIF orientation is ignored: annotations refer to stored pixels.
+    A truncated file is an error, never a partly grey image.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                if image.mode.startswith("I;16"):
+                    # Pillow's convert() clips 16-bit values at 255 (an all-white image); keep the high byte.
+                    rgb = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)).convert("RGB")
+                else:
+                    rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: cannot decode image ({exc})") from None
+    return np.asarray(rgb)

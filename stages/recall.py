@@ -1,0 +1,86 @@
+"""Stage ``recall``: how well the proposals cover the ground truth.
+
+Per split: recall at IoU 0.5 and 0.7 (fraction of ground-truth boxes with a
+proposal at least that close), MABO (mean over classes of the average best
+overlap), mean boxes per image and CPU seconds per image. Ground truth marked
+``difficult`` is left out, as in VOC evaluation. Also the recall-vs-number-of-
+proposals curve, taking each image's first ``k`` proposals in rank order.
+
+Outputs: ``features_cache/reports/proposals.json`` (DVC metrics) and
+``features_cache/reports/recall_curve_<split>.csv`` (DVC plots).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from stages.atomic import write_text
+from stages.boxes import box_iou
+from stages.layout import index_file, proposals_dir, recall_curve, timing_file
+from stages.store import PerImageReader
+
+THRESHOLDS = (0.5, 0.7)
+CURVE_POINTS = (1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 3000, 5000, 10000)
+
+
+def best_overlaps(gt: np.ndarray, proposals: np.ndarray, points: tuple[int, ...]) -> np.ndarray:
+    """``(G, 4)``, ``(P, 4)`` -> ``(G, len(points))`` best IoU of each box among the first ``k`` proposals."""
+    if len(proposals) == 0:
+        return np.zeros((len(gt), len(points)), np.float32)
+    running_best = np.maximum.accumulate(box_iou(gt, proposals), axis=1)
+    columns = np.minimum(points, len(proposals)) - 1
+    return running_best[:, columns]
+
+
+def split_report(index: PerImageReader, proposals: PerImageReader) -> tuple[dict, list[dict]]:
+    """Metrics and recall curve of one split."""
+    if index.image_ids != proposals.image_ids:
+        raise ValueError(f"{proposals.paths[0].parent}: images differ from {index.paths[0]} (stale proposals?)")
+    num_classes = len(index.json_attr("classes"))
+    counts = proposals.counts()
+    points = tuple(k for k in CURVE_POINTS if k <= max(1, counts.max(initial=1)))
+    overlaps, labels = [], []
+    for i in range(len(index)):
+        keep = ~index.rows("gt_difficult", i)
+        overlaps.append(best_overlaps(index.rows("gt_boxes", i)[keep], proposals.rows("boxes", i), points))
+        labels.append(index.rows("gt_labels", i)[keep])
+    overlaps = np.concatenate(overlaps) if overlaps else np.zeros((0, len(points)))
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+    best = overlaps[:, -1]
+    per_class = [best[labels == c].mean() for c in range(num_classes) if (labels == c).any()]
+    metrics = {
+        "images": len(index),
+        "gt_boxes": int(len(best)),
+        "boxes_per_image": float(counts.mean()) if len(counts) else 0.0,
+        **{f"recall@{t}": float((best >= t).mean()) if len(best) else 0.0 for t in THRESHOLDS},
+        "mabo": float(np.mean(per_class)) if per_class else 0.0,
+    }
+    curve = [
+        {"proposals": k, **{f"recall@{t}": float((overlaps[:, j] >= t).mean()) if len(best) else 0.0 for t in THRESHOLDS}}
+        for j, k in enumerate(points)
+    ]
+    return metrics, curve
+
+
+def seconds_per_image(shard_files: list[Path]) -> float:
+    timings = [json.loads(timing_file(p).read_text()) for p in shard_files]
+    images = sum(t["images"] for t in timings)
+    return sum(t["cpu_seconds"] for t in timings) / images if images else 0.0
+
+
+def run(splits: tuple[str, ...], num_shards: int, metrics_path: Path) -> None:
+    """Write the metrics of every split to ``metrics_path`` and one curve CSV per split."""
+    report = {}
+    for split in dict.fromkeys(splits):
+        with PerImageReader([index_file(split)]) as index, PerImageReader.sharded(
+            proposals_dir(split), num_shards
+        ) as proposals:
+            metrics, curve = split_report(index, proposals)
+            metrics["seconds_per_image"] = seconds_per_image(proposals.paths)
+        report[split] = metrics
+        header = "proposals," + ",".join(f"recall@{t}" for t in THRESHOLDS)
+        lines = [f"{row['proposals']}," + ",".join(f"{row[f'recall@{t}']:.6f}" for t in THRESHOLDS) for row in curve]
+        write_text(recall_curve(split), "\n".join([header, *lines]) + "\n")
+    write_text(metrics_path, json.dumps(report, indent=2) + "\n")

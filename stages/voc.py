@@ -1,0 +1,237 @@
+"""PASCAL VOC layout: reading, validating and writing annotations.
+
+VOC XML stores 1-based inclusive pixel coordinates; the project uses continuous
+``x1, y1, x2, y2`` (see :mod:`stages.boxes`). The conversion happens here and
+nowhere else: ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``, so a box's
+width ``x2 - x1`` equals the devkit's ``xmax - xmin + 1``.
+"""
+from __future__ import annotations
+
+import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stages.boxes import as_boxes
+from stages.errors import PipelineError
+from stages.images import ImageError, load_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
+# Many annotation tools write a box edge one pixel past the image border; such
+# boxes are clipped and counted rather than treated as errors.
+EDGE_TOLERANCE = 1.0
+
+
+class DataError(PipelineError, ValueError):
+    """The dataset has problems and ``data.on_error`` is ``raise``."""
+
+
+@dataclass(frozen=True)
+class VocObject:
+    name: str
+    box: tuple[float, float, float, float]  # continuous x1, y1, x2, y2
+    difficult: bool
+
+
+@dataclass(frozen=True)
+class Annotation:
+    filename: str
+    width: int
+    height: int
+    objects: tuple[VocObject, ...]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One validated image: everything later stages need to know about it."""
+
+    image_id: str
+    path: str  # relative to the dataset root
+    width: int
+    height: int
+    boxes: np.ndarray  # (K, 4) float32, continuous x1, y1, x2, y2
+    labels: np.ndarray  # (K,) int32 index into the class list
+    difficult: np.ndarray  # (K,) bool
+
+
+@dataclass
+class Problems:
+    """Every problem found in a dataset, each naming its file; safe to fill from several threads."""
+
+    on_error: str
+    messages: list[str] = field(default_factory=list)
+    clipped_boxes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, path: Path | str, message: str) -> None:
+        with self._lock:
+            self.messages.append(f"{path}: {message}")
+
+    def count_clipped(self) -> None:
+        with self._lock:
+            self.clipped_boxes += 1
+
+    def raise_if_strict(self) -> None:
+        if self.messages and self.on_error == "raise":
+            shown = "\n  ".join(sorted(self.messages)[:50])
+            more = f"\n  ... and {len(self.messages) - 50} more" if len(self.messages) > 50 else ""
+            raise DataError(
+                f"{len(self.messages)} problem(s) in the dataset; nothing was written.\n  {shown}{more}\n"
+                "Fix them, or set data.on_error: skip in params.yaml to skip the bad items."
+            )
+
+
+def parse_annotation(path: Path) -> Annotation:
+    """Read one VOC XML file; raise :class:`DataError` naming the file if it is malformed."""
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file not found") from None
+    except ET.ParseError as exc:
+        raise DataError(f"{path}: malformed XML ({exc})") from None
+    try:
+        size = root.find("size")
+        width = int(float(size.findtext("width", "0"))) if size is not None else 0
+        height = int(float(size.findtext("height", "0"))) if size is not None else 0
+        objects = tuple(_parse_object(obj) for obj in root.iter("object"))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: malformed annotation ({exc})") from None
+    return Annotation(root.findtext("filename", "").strip(), width, height, objects)
+
+
+def _parse_object(obj: ET.Element) -> VocObject:
+    bndbox = obj.find("bndbox")
+    if bndbox is None:
+        raise ValueError("object without <bndbox>")
+    xmin, ymin, xmax, ymax = (float(bndbox.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+    name = (obj.findtext("name") or "").strip()
+    if not name:
+        raise ValueError("object without <name>")
+    difficult = int(float(obj.findtext("difficult", "0") or 0)) == 1
+    return VocObject(name, (xmin - 1.0, ymin - 1.0, xmax, ymax), difficult)
+
+
+def write_annotation(path: Path, filename: str, width: int, height: int, objects: list[VocObject]) -> None:
+    """Write a VOC XML file; boxes are converted back to 1-based inclusive integers."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "JPEGImages"
+    ET.SubElement(root, "filename").text = filename
+    size = ET.SubElement(root, "size")
+    for key, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, key).text = str(value)
+    for obj in objects:
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = obj.name
+        ET.SubElement(node, "difficult").text = str(int(obj.difficult))
+        bndbox = ET.SubElement(node, "bndbox")
+        x1, y1, x2, y2 = obj.box
+        for key, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+            ET.SubElement(bndbox, key).text = str(int(round(value)))
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=False)
+
+
+def read_split_ids(root: Path, split: str, problems: Problems) -> list[str]:
+    """Image ids listed in ``ImageSets/Main/<split>.txt``, duplicates reported and dropped."""
+    path = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found (is data.root a VOC folder?)")
+    ids: list[str] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        if image_id in seen:
+            problems.add(path, f"line {number}: duplicate image id {image_id!r}")
+            continue
+        seen.add(image_id)
+        ids.append(image_id)
+    return ids
+
+
+def find_image(root: Path, image_id: str, filename: str) -> Path | None:
+    """The image file of ``image_id``: ``JPEGImages/<id>.<ext>``, else the XML's ``<filename>``."""
+    for ext in IMAGE_EXTENSIONS:
+        candidate = root / "JPEGImages" / f"{image_id}{ext}"
+        if candidate.is_file():
+            return candidate
+    if filename and (root / "JPEGImages" / filename).is_file():
+        return root / "JPEGImages" / filename
+    return None
+
+
+def read_annotations(root: Path, ids: list[str], problems: Problems) -> dict[str, Annotation]:
+    """Parse the annotations of ``ids``; unreadable ones are reported and left out."""
+    annotations = {}
+    for image_id in ids:
+        try:
+            annotations[image_id] = parse_annotation(root / "Annotations" / f"{image_id}.xml")
+        except DataError as exc:
+            problems.add(*str(exc).split(": ", 1))
+    return annotations
+
+
+def discover_classes(annotations: list[Annotation]) -> tuple[str, ...]:
+    """All object names in ``annotations``, sorted: a stable order independent of file order."""
+    return tuple(sorted({obj.name for ann in annotations for obj in ann.objects}))
+
+
+def build_record(
+    root: Path, image_id: str, ann: Annotation, classes: tuple[str, ...], problems: Problems
+) -> ImageRecord | None:
+    """Validate one image and its objects; ``None`` if the image itself is unusable."""
+    xml_path = root / "Annotations" / f"{image_id}.xml"
+    image_path = find_image(root, image_id, ann.filename)
+    if image_path is None:
+        problems.add(xml_path, f"no image file for {image_id!r} in {root / 'JPEGImages'}")
+        return None
+    try:
+        height, width = load_image(image_path).shape[:2]
+    except ImageError as exc:
+        problems.add(image_path, str(exc).split(": ", 1)[1])
+        return None
+    if (ann.width, ann.height) not in ((0, 0), (width, height)):
+        problems.add(xml_path, f"size {ann.width}x{ann.height} disagrees with the image's {width}x{height}")
+        return None
+    boxes, labels, difficult = [], [], []
+    for obj in ann.objects:
+        box = _validate_box(np.array(obj.box, dtype=np.float32), width, height, problems, xml_path)
+        if obj.name not in classes:
+            problems.add(xml_path, f"unknown class {obj.name!r} (classes: {list(classes)})")
+        elif box is not None:
+            boxes.append(box)
+            labels.append(classes.index(obj.name))
+            difficult.append(obj.difficult)
+    return ImageRecord(
+        image_id=image_id,
+        path=image_path.relative_to(root).as_posix(),
+        width=width,
+        height=height,
+        boxes=as_boxes(boxes),
+        labels=np.array(labels, dtype=np.int32),
+        difficult=np.array(difficult, dtype=bool),
+    )
+
+
+def _validate_box(box: np.ndarray, width: int, height: int, problems: Problems, where: Path) -> np.ndarray | None:
+    x1, y1, x2, y2 = box
+    described = f"box (xmin={x1 + 1:g}, ymin={y1 + 1:g}, xmax={x2:g}, ymax={y2:g})"
+    if not np.isfinite(box).all():  # NaN fails every comparison below and would slip through
+        problems.add(where, f"non-finite {described}")
+        return None
+    # xmax == xmin is one pixel wide in the devkit's convention, but in practice it is
+    # an annotation slip (a click without a drag): treated as zero area, like inverted boxes.
+    if x2 - x1 <= 1 or y2 - y1 <= 1:
+        problems.add(where, f"zero-area or inverted {described}")
+        return None
+    low, high = -EDGE_TOLERANCE, np.array([width, height]) + EDGE_TOLERANCE
+    if (box[:2] < low).any() or (box[2:] > high).any():
+        problems.add(where, f"{described} lies outside the {width}x{height} image")
+        return None
+    clipped = np.clip(box, 0, [width, height, width, height]).astype(np.float32)
+    if (clipped != box).any():
+        problems.count_clipped()
+    return clipped

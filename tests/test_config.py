@@ -1,0 +1,206 @@
+"""params.yaml loading: the real file loads; every kind of mistake names its key or file."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stages.config import (
+    Config,
+    ConfigError,
+    DataParams,
+    ShardingParams,
+    as_dict,
+    load_config,
+)
+from stages.errors import PipelineError
+
+REAL = Path(__file__).resolve().parent.parent / "params.yaml"
+RAW: dict[str, Any] = yaml.safe_load(REAL.read_text())
+
+
+def _write(tmp_path: Path, raw: Any) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _modified(tmp_path: Path, section: str, key: str, value: Any) -> Path:
+    raw = copy.deepcopy(RAW)
+    raw[section][key] = value
+    return _write(tmp_path, raw)
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value)
+
+
+def test_real_params_load() -> None:
+    cfg = load_config(REAL)
+    assert isinstance(cfg, Config)
+    assert cfg.data.classes == ()
+    assert cfg.data.on_error == "raise"
+    assert cfg.data.splits == ("trainval", "test")
+    assert cfg.sharding.shards == (0, 1)
+    assert cfg.sharding.num_shards == 2
+    assert cfg.proposals.mode == "fast"
+    assert cfg.proposals.sigma == 0.8
+    # written as 8.0 in the file, stays a float
+    assert cfg.proposals.min_size == 8.0 and type(cfg.proposals.min_size) is float
+    assert cfg.synthetic.num_trainval == RAW["synthetic"]["num_trainval"]
+
+
+def test_copy_of_real_params_loads_identically(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, RAW)) == load_config(REAL)
+
+
+def test_sections_are_frozen() -> None:
+    cfg = load_config(REAL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.root = "elsewhere"  # type: ignore[misc]
+
+
+def test_config_error_is_a_pipeline_error() -> None:
+    assert issubclass(ConfigError, PipelineError)
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "data", "clases", ["cat"]))
+    assert "data" in message
+    assert "unknown key(s) ['clases']" in message
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["trainer"] = {"epochs": 1}
+    assert "unknown key(s) ['trainer']" in _error(_write(tmp_path, raw))
+
+
+def test_missing_key(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    del raw["proposals"]["seed"]
+    message = _error(_write(tmp_path, raw))
+    assert f"{tmp_path / 'params.yaml'}:proposals: missing key(s) ['seed']" in message
+
+
+def test_missing_section(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    del raw["runtime"]
+    assert "missing key(s) ['runtime']" in _error(_write(tmp_path, raw))
+
+
+def test_string_for_int(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "synthetic", "seed", "0"))
+    assert "synthetic:seed: expected int, got '0'" in message
+
+
+def test_bool_for_int(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "runtime", "num_workers", True))
+    assert "runtime:num_workers: expected int, got True" in message
+
+
+def test_float_for_int(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "proposals", "max_boxes", 2000.0))
+    assert "proposals:max_boxes: expected int, got 2000.0" in message
+
+
+def test_int_accepted_for_float(tmp_path: Path) -> None:
+    cfg = load_config(_modified(tmp_path, "proposals", "sigma", 1))
+    assert cfg.proposals.sigma == 1.0
+    assert type(cfg.proposals.sigma) is float
+
+
+def test_bool_for_float(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "proposals", "sigma", False))
+    assert "proposals:sigma: expected float, got False" in message
+
+
+def test_int_for_string(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "data", "train_split", 7))
+    assert "data:train_split: expected str, got 7" in message
+
+
+def test_bad_literal(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "proposals", "mode", "slow"))
+    assert "proposals:mode: 'slow' is not one of ['fast', 'quality']" in message
+
+
+def test_bad_on_error_literal(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "data", "on_error", "ignore"))
+    assert "data:on_error: 'ignore' is not one of ['raise', 'skip']" in message
+
+
+def test_classes_list_becomes_tuple(tmp_path: Path) -> None:
+    cfg = load_config(_modified(tmp_path, "data", "classes", ["dog", "cat"]))
+    assert cfg.data.classes == ("dog", "cat")
+
+
+def test_classes_item_of_wrong_type(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "data", "classes", ["cat", 3]))
+    assert "data:classes[1]: expected str, got 3" in message
+
+
+def test_classes_not_a_list(tmp_path: Path) -> None:
+    message = _error(_modified(tmp_path, "data", "classes", "cat"))
+    assert "data:classes: expected a list, got 'cat'" in message
+
+
+@pytest.mark.parametrize("shards", [[0, 2], [], [1], [1, 0]])
+def test_bad_shards(tmp_path: Path, shards: list[int]) -> None:
+    message = _error(_modified(tmp_path, "sharding", "shards", shards))
+    assert f":sharding: sharding.shards must be [0, 1, ..., N-1], got {shards}" in message
+
+
+def test_good_shards(tmp_path: Path) -> None:
+    cfg = load_config(_modified(tmp_path, "sharding", "shards", [0, 1, 2, 3]))
+    assert cfg.sharding.num_shards == 4
+
+
+def test_sharding_params_checked_on_construction() -> None:
+    with pytest.raises(ConfigError, match=r"got \[0, 2\]"):
+        ShardingParams((0, 2))
+
+
+def test_top_level_not_a_mapping(tmp_path: Path) -> None:
+    message = _error(_write(tmp_path, [1, 2, 3]))
+    assert message == f"{tmp_path / 'params.yaml'}: expected a mapping, got list"
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert _error(path) == f"{path}: expected a mapping, got NoneType"
+
+
+def test_section_not_a_mapping(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["data"] = "features_cache/synthetic"
+    assert _error(_write(tmp_path, raw)) == f"{tmp_path / 'params.yaml'}:data: expected a mapping, got str"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    assert _error(path) == f"{path}: parameter file not found"
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("data: [unclosed\n")
+    assert _error(path).startswith(f"{path}: not valid YAML")
+
+
+def test_as_dict_is_plain_json_data() -> None:
+    data = DataParams(root="r", train_split="a", test_split="b", classes=("x", "y"), on_error="skip")
+    assert as_dict(data) == {
+        "classes": ["x", "y"],
+        "on_error": "skip",
+        "root": "r",
+        "test_split": "b",
+        "train_split": "a",
+    }

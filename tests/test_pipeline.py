@@ -1,0 +1,180 @@
+"""The two orchestrators: dvc.yaml and the Luigi tasks declare the same stages, and produce the same artifacts."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pipeline
+from stages import layout
+from stages.provenance import code_files
+
+from conftest import REPO, tiny_params, write_params
+
+BIN = Path(sys.executable).parent
+PROPOSAL_STAGES = [f"proposals@{s}-{k}" for s in ("trainval", "test") for k in (0, 1)]
+COMMAND_MODULES = {"synthetic": "synth", "index": "index", "proposals": "proposals", "recall": "recall"}
+
+
+def dvc_stages() -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        return {
+            stage.addressing: {
+                "cmd": stage.cmd,
+                "deps": {str(Path(d.def_path)) for d in stage.deps if not hasattr(d, "params")},
+                "params": {key for d in stage.deps if hasattr(d, "params") for key in d.params},
+                "outs": {str(Path(o.def_path)) for o in stage.outs},
+            }
+            for stage in repo.index.stages
+        }
+
+
+def luigi_tasks() -> list[pipeline.StageTask]:
+    todo, seen = [pipeline.RunAll()], []
+    while todo:
+        task = todo.pop()
+        if isinstance(task, pipeline.StageTask) and task not in seen:
+            seen.append(task)
+        todo += pipeline.luigi.task.flatten(task.requires())
+    return seen
+
+
+def dvc_name(task: pipeline.StageTask) -> str:
+    name = task.get_task_family().lower()
+    return f"{name}@{task.split}-{task.shard}" if isinstance(task, pipeline.Proposals) else name
+
+
+@pytest.fixture(scope="module")
+def declared() -> tuple[dict, list]:
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        pipeline.config.cache_clear()
+        return dvc_stages(), luigi_tasks()
+    finally:
+        os.chdir(cwd)
+        pipeline.config.cache_clear()
+
+
+def test_dvc_and_luigi_have_the_same_stages(declared):
+    stages, tasks = declared
+    assert sorted(stages) == sorted(dvc_name(t) for t in tasks)
+
+
+def test_dvc_code_deps_are_exactly_the_stage_imports(declared):
+    stages, _ = declared
+    for name, stage in stages.items():
+        module = COMMAND_MODULES[stage["cmd"].split()[3]]
+        expected = {str(p.relative_to(REPO)) for p in code_files(module)}
+        assert {d for d in stage["deps"] if d.startswith("stages/")} == expected, name
+
+
+def test_dvc_params_and_outs_match_the_luigi_tasks(declared):
+    stages, tasks = declared
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        for task in tasks:
+            stage = stages[dvc_name(task)]
+            assert stage["params"] == set(task.params()), dvc_name(task)
+            assert stage["outs"] == {str(p) for p in task.outputs()}, dvc_name(task)
+            assert task.module == COMMAND_MODULES[stage["cmd"].split()[3]]
+    finally:
+        os.chdir(cwd)
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def project_copy(folder: Path, params: dict) -> Path:
+    folder.mkdir()
+    for name in ("stages", "pipeline"):
+        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "luigi.cfg"):
+        shutil.copy(REPO / name, folder)
+    write_params(folder, params)
+    return folder
+
+
+def sh(folder: Path, *command: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(folder)}
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def dvc_repro(folder: Path) -> list[str]:
+    """Run ``dvc repro``; return the names of the stages it ran."""
+    out = sh(folder, "dvc", "repro")
+    return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+
+
+def luigi_run(folder: Path) -> list[str]:
+    """Run the Luigi pipeline; return the task families that ran."""
+    out = sh(folder, "luigi", "--module", "pipeline", "RunAll", "--local-scheduler", "--workers", "2")
+    assert "This progress looks :)" in out, out
+    ran = out.split("ran successfully:")[1].split("\n* ")[0] if "ran successfully:" in out else ""
+    families = {line.strip().split("(")[0].lstrip("- 0123456789").strip() for line in ran.splitlines() if "(" in line}
+    return sorted(families - {"RunAll"})
+
+
+def artifacts(folder: Path) -> dict[str, bytes]:
+    """Every HDF5 artifact's bytes and the metrics without the timing figures."""
+    found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / layout.CACHE).rglob("*.h5"))}
+    metrics = json.loads((folder / layout.PROPOSAL_METRICS).read_text())
+    for split in metrics.values():
+        split.pop("seconds_per_image")
+    found["metrics"] = json.dumps(metrics, sort_keys=True).encode()
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny pipeline run once by ``dvc repro`` in a git repository and once by Luigi."""
+    root = tmp_path_factory.mktemp("orchestrators")
+    dvc_dir, luigi_dir = project_copy(root / "dvc", tiny_params()), project_copy(root / "luigi", tiny_params())
+    sh(dvc_dir, "git", "init", "-q")
+    sh(dvc_dir, "dvc", "init", "-q")
+    assert sorted(dvc_repro(dvc_dir)) == sorted(["synthetic", "index", "recall", *PROPOSAL_STAGES])
+    assert luigi_run(luigi_dir) == ["Index", "Proposals", "Recall", "Synthetic"]
+    return dvc_dir, luigi_dir
+
+
+def test_both_orchestrators_write_identical_artifacts(runs):
+    dvc_dir, luigi_dir = runs
+    dvc_artifacts, luigi_artifacts = artifacts(dvc_dir), artifacts(luigi_dir)
+    assert len(dvc_artifacts) == 2 + 4 + 1  # two index files, four proposal shards, metrics
+    assert dvc_artifacts == luigi_artifacts
+    metrics = json.loads((dvc_dir / layout.PROPOSAL_METRICS).read_text())
+    assert set(metrics) == {"trainval", "test"} and metrics["trainval"]["images"] == 6
+    assert 0 < metrics["test"]["recall@0.7"] <= metrics["test"]["recall@0.5"] <= 1
+    assert "recall@0.5" in sh(dvc_dir, "dvc", "metrics", "show")
+
+
+def test_unchanged_rerun_does_nothing(runs):
+    dvc_dir, luigi_dir = runs
+    assert dvc_repro(dvc_dir) == []
+    assert luigi_run(luigi_dir) == []
+
+
+def test_a_parameter_change_reruns_exactly_its_dependents(runs):
+    dvc_dir, luigi_dir = runs
+    params = tiny_params()
+    params["proposals"]["max_boxes"] = 50
+    for folder in runs:
+        write_params(folder, params)
+    assert sorted(dvc_repro(dvc_dir)) == sorted([*PROPOSAL_STAGES, "recall"])
+    assert luigi_run(luigi_dir) == ["Proposals", "Recall"]
+    assert artifacts(dvc_dir) == artifacts(luigi_dir)
+    params["runtime"]["num_workers"] = 1  # how to run, not what: nothing reruns
+    for folder in runs:
+        write_params(folder, params)
+    assert dvc_repro(dvc_dir) == []
+    assert luigi_run(luigi_dir) == []

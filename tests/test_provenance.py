@@ -1,0 +1,111 @@
+"""Provenance: a stage's code files, their version, and input digests."""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from stages import provenance
+from stages.provenance import code_files, code_version, file_digest, files_digest
+
+
+@pytest.fixture()
+def package_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``stages`` copied to a temporary folder that provenance reads instead of the real one."""
+    copy = tmp_path / "stages"
+    shutil.copytree(provenance.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", copy)
+    code_files.cache_clear()
+    yield copy
+    code_files.cache_clear()  # monkeypatch restores PACKAGE_DIR; the cache must forget the copy too
+
+
+def _names(module: str) -> list[str]:
+    return [p.name for p in code_files(module)]
+
+
+def test_code_files_of_index() -> None:
+    names = _names("index")
+    for expected in ("index.py", "voc.py", "store.py", "atomic.py", "images.py", "boxes.py", "config.py"):
+        assert expected in names
+    assert "proposals.py" not in names
+    assert "recall.py" not in names
+    assert names == sorted(names)
+    assert all(p.parent == provenance.PACKAGE_DIR for p in code_files("index"))
+
+
+def test_code_files_exact_small_cases() -> None:
+    assert _names("boxes") == ["boxes.py"]  # torch is imported lazily and is not a stages module
+    assert _names("errors") == ["errors.py"]
+    assert _names("images") == ["errors.py", "images.py"]
+    assert _names("voc") == ["boxes.py", "errors.py", "images.py", "voc.py"]
+    assert _names("store") == ["atomic.py", "errors.py", "store.py"]
+
+
+def test_code_version_is_stable_hex() -> None:
+    version = code_version("index")
+    assert re.fullmatch(r"[0-9a-f]{64}", version)
+    assert code_version("index") == version
+    assert code_version("boxes") != version
+
+
+def test_code_version_hand_computed_for_one_file() -> None:
+    path = provenance.PACKAGE_DIR / "errors.py"
+    expected = hashlib.sha256(b"errors.py\0" + path.read_bytes() + b"\0").hexdigest()
+    assert code_version("errors") == expected
+
+
+def test_code_version_follows_file_changes(package_copy: Path) -> None:
+    index_before, boxes_before, voc_before = code_version("index"), code_version("boxes"), code_version("voc")
+    with open(package_copy / "images.py", "a") as f:
+        f.write("\n# a change\n")
+    assert code_version("index") != index_before  # index -> voc -> images
+    assert code_version("voc") != voc_before
+    assert code_version("boxes") == boxes_before  # does not import images
+
+
+def test_new_import_adds_a_code_file(package_copy: Path) -> None:
+    assert "recall.py" not in _names("boxes")
+    (package_copy / "extra.py").write_text("X = 1\n")
+    with open(package_copy / "boxes.py", "a") as f:
+        f.write("\nfrom stages.extra import X\nimport stages.errors\n")
+    code_files.cache_clear()
+    assert _names("boxes") == ["boxes.py", "errors.py", "extra.py"]
+
+
+def test_file_digest_matches_hashlib(tmp_path: Path) -> None:
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"hello\n")
+    assert file_digest(small) == hashlib.sha256(b"hello\n").hexdigest()
+    assert file_digest(small) == "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+    # larger than the 1 MiB read block
+    data = bytes(range(256)) * 4097
+    big = tmp_path / "big.bin"
+    big.write_bytes(data)
+    assert file_digest(big) == hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert file_digest(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_files_digest_hand_computed(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"A")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_bytes(b"B")
+    expected = hashlib.sha256(
+        b"a.txt\0" + hashlib.sha256(b"A").hexdigest().encode() + b"sub/b.txt\0" + hashlib.sha256(b"B").hexdigest().encode()
+    ).hexdigest()
+    assert files_digest(tmp_path, ["a.txt", "sub/b.txt"]) == expected
+    # order and names matter
+    assert files_digest(tmp_path, ["sub/b.txt", "a.txt"]) != expected
+    (tmp_path / "c.txt").write_bytes(b"A")
+    assert files_digest(tmp_path, ["c.txt"]) != files_digest(tmp_path, ["a.txt"])
+
+
+def test_files_digest_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        files_digest(tmp_path, ["missing.txt"])
