@@ -65,8 +65,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)
+            raise
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if isinstance(exc, PipelineError):
+            raise
+        raise OutputError(f"writing {path} failed ({exc}); any previous {path.name} is left intact") from exc
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
 

@@ -114,6 +114,8 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: parameter file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the parameter file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return _build(Config, raw, str(path))

@@ -41,6 +41,7 @@ ROWS = {
     "gt_labels": RowSpec((), np.int32),
     "gt_difficult": RowSpec((), bool),
 }
+IMAGES = {"paths": str, "widths": np.int32, "heights": np.int32}
 
 
 def run(data: DataParams, out_dir: Path, num_workers: int = 0) -> None:
@@ -124,7 +125,7 @@ def _write(
         "problems": sorted(problems.messages),
         "clipped_boxes": problems.clipped_boxes,
     }
-    with create_per_image(path, ROWS, attrs) as writer:
+    with create_per_image(path, ROWS, attrs, IMAGES) as writer:
         for r in records:
             rows = {"gt_boxes": r.boxes, "gt_labels": r.labels, "gt_difficult": r.difficult}
             writer.append(r.image_id, rows, paths=r.path, widths=r.width, heights=r.height)

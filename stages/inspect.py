@@ -28,7 +28,10 @@ def describe(path: Path) -> str:
         return _describe_h5(path)
     text = path.read_text(errors="replace")
     if path.suffix == ".json":
-        return json.dumps(json.loads(text), indent=2)
+        try:
+            return json.dumps(json.loads(text), indent=2)
+        except ValueError as exc:
+            raise PipelineError(f"{path}: not valid JSON ({exc})") from None
     return text if len(text) < 4000 else text[:4000] + f"\n... ({len(text)} characters)"
 
 

@@ -31,7 +31,9 @@ def run(splits: tuple[str, ...], num_shards: int, image_id: str, out: Path | Non
         image = load_image(Path(index.attrs["data_root"]) / index.value("paths", i))
         classes = index.json_attr("classes")
         gt_boxes, gt_labels, difficult = (index.rows(n, i) for n in ("gt_boxes", "gt_labels", "gt_difficult"))
-    fig, ax = plt.subplots(figsize=(image.shape[1] / 80, image.shape[0] / 80), dpi=100)
+    inches = max(image.shape[:2]) / 100
+    scale = max(1.0, 8 / inches)  # small images are enlarged so the labels stay readable
+    fig, ax = plt.subplots(figsize=(image.shape[1] / 100 * scale, image.shape[0] / 100 * scale), dpi=100)
     ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))  # continuous pixel coordinates
     title = f"{image_id} ({split}): {len(gt_boxes)} ground-truth boxes"
     if proposals_dir(split).is_dir():

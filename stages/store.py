@@ -51,15 +51,21 @@ class RowSpec:
 
 @dataclass
 class PerImageWriter:
-    """Streams images into an open HDF5 file; call :meth:`append` per image, then :meth:`finish`."""
+    """Streams images into an open HDF5 file; call :meth:`append` per image, then :meth:`finish`.
+
+    ``images`` declares the per-image datasets and their dtypes (``str`` for text),
+    so that they exist with the right dtype even when there are no images.
+    """
 
     file: h5py.File
     rows: Mapping[str, RowSpec]
+    images: Mapping[str, Any] = field(default_factory=dict)
     image_ids: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=lambda: [0])
     per_image: dict[str, list] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.per_image = {name: [] for name in self.images}
         for name, spec in self.rows.items():
             self.file.create_dataset(
                 name,
@@ -72,9 +78,12 @@ class PerImageWriter:
             )
 
     def append(self, image_id: str, rows: Mapping[str, np.ndarray], **per_image: Any) -> None:
-        """Add one image's rows (every row dataset, equal lengths) and per-image values."""
-        if set(rows) != set(self.rows):
-            raise ValueError(f"{image_id}: rows {sorted(rows)} != declared {sorted(self.rows)}")
+        """Add one image's rows (every row dataset, equal lengths) and its per-image values."""
+        if set(rows) != set(self.rows) or set(per_image) != set(self.images):
+            raise ValueError(
+                f"{image_id}: got rows {sorted(rows)} and per-image values {sorted(per_image)}, "
+                f"declared {sorted(self.rows)} and {sorted(self.images)}"
+            )
         counts = {len(value) for value in rows.values()}
         if len(counts) > 1:
             raise ValueError(f"{image_id}: row datasets of unequal lengths {counts}")
@@ -87,27 +96,30 @@ class PerImageWriter:
         self.image_ids.append(image_id)
         self.offsets.append(start + count)
         for name, value in per_image.items():
-            self.per_image.setdefault(name, []).append(value)
+            self.per_image[name].append(value)
 
     def finish(self) -> None:
         self.file.create_dataset("image_ids", data=np.array(self.image_ids, dtype=object), dtype=STRING)
         self.file.create_dataset("offsets", data=np.array(self.offsets, dtype=np.int64))
-        for name, values in self.per_image.items():
-            data = np.array(values, dtype=object) if values and isinstance(values[0], str) else np.array(values)
-            self.file.create_dataset(name, data=data, dtype=STRING if data.dtype == object else None)
+        for name, dtype in self.images.items():
+            text = dtype is str
+            data = np.array(self.per_image[name], dtype=object if text else dtype)
+            self.file.create_dataset(name, data=data, dtype=STRING if text else dtype)
         self.file.attrs["row_datasets"] = json.dumps(sorted(self.rows))
-        self.file.attrs["image_datasets"] = json.dumps(sorted(self.per_image))
+        self.file.attrs["image_datasets"] = json.dumps(sorted(self.images))
 
 
 @contextlib.contextmanager
-def create_per_image(path: str | Path, rows: Mapping[str, RowSpec], attrs: Mapping[str, Any]) -> Iterator[PerImageWriter]:
+def create_per_image(
+    path: str | Path, rows: Mapping[str, RowSpec], attrs: Mapping[str, Any], images: Mapping[str, Any] | None = None
+) -> Iterator[PerImageWriter]:
     """Write a per-image artifact atomically: it appears at ``path`` only once complete and verified."""
     with atomic_path(path, ".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             for key, value in attrs.items():
                 f.attrs[key] = value if isinstance(value, (str, int, float, np.integer, np.floating)) else json.dumps(value, sort_keys=True)
-            writer = PerImageWriter(f, rows)
+            writer = PerImageWriter(f, rows, images or {})
             yield writer
             writer.finish()
         _verify(tmp)
@@ -123,6 +135,9 @@ def _verify(path: Path) -> None:
         for name in json.loads(f.attrs["row_datasets"]):
             if f[name].shape[0] != offsets[-1]:
                 raise ArtifactError(f"{path}: {name} has {f[name].shape[0]} rows, offsets say {offsets[-1]}")
+        for name in json.loads(f.attrs["image_datasets"]):
+            if f[name].shape[0] != n:
+                raise ArtifactError(f"{path}: {name} has {f[name].shape[0]} entries for {n} images")
 
 
 def shard_path(folder: str | Path, shard: int) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stages.atomic import atomic_dir
-from stages.config import SyntheticParams
+from stages.config import ConfigError, SyntheticParams
 from stages.voc import VocObject, write_annotation
 
 CLASSES = ("cross", "disc", "rectangle", "ring", "triangle")
@@ -57,7 +57,7 @@ class Sprite:
 
 
 def validate(params: SyntheticParams) -> None:
-    """Raise ``ValueError`` naming the first ``synthetic.*`` key whose value cannot work."""
+    """Raise :class:`ConfigError` naming the first ``synthetic.*`` key whose value cannot work."""
     p = params
     rules = (
         ("seed", p.seed >= 0, "must be >= 0"),
@@ -77,7 +77,7 @@ def validate(params: SyntheticParams) -> None:
     )
     for key, ok, rule in rules:
         if not ok:
-            raise ValueError(f"synthetic.{key} = {getattr(p, key)} {rule}")
+            raise ConfigError(f"synthetic.{key} = {getattr(p, key)} {rule}")
 
 
 def run(params: SyntheticParams, out_dir: Path) -> None:

@@ -18,7 +18,7 @@ COUNTS = {"a": 2, "b": 0, "c": 1, "d": 5}
 
 def _write(path: Path, ids: list[str], **extra) -> None:
     attrs = {"stage": "test", "params": {"k": 1}, **extra}
-    with create_per_image(path, ROWS, attrs) as writer:
+    with create_per_image(path, ROWS, attrs, {"paths": str}) as writer:
         for image_id in ids:
             n = COUNTS[image_id]
             writer.append(image_id, {"boxes": np.ones((n, 4), np.float32), "labels": np.zeros(n, np.int32)}, paths=f"{image_id}.jpg")

@@ -30,7 +30,7 @@ ATTRS = {"stage": "test", "params": {"k": 1, "names": ["x", "y"]}, "count": 7, "
 
 
 def _write(path: Path, image_ids=tuple(IMAGES), attrs=ATTRS) -> None:
-    with create_per_image(path, ROWS, attrs) as writer:
+    with create_per_image(path, ROWS, attrs, {"paths": str, "widths": np.int32}) as writer:
         for image_id in image_ids:
             boxes, labels = IMAGES[image_id]
             writer.append(image_id, {"boxes": boxes, "labels": labels}, paths=f"{image_id}.jpg", widths=len(image_id))
