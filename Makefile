@@ -10,10 +10,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, cv2, h5py, dvc, luigi; cv2.ximgproc.segmentation"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+	cd / && $(CURDIR)/$(BIN)/python -c "import torch, torchvision, cv2, h5py, dvc, luigi, stages, pipeline; cv2.ximgproc.segmentation"
 	touch $@
 
 run: $(STAMP)

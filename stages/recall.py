@@ -40,7 +40,8 @@ def split_report(index: PerImageReader, proposals: PerImageReader) -> tuple[dict
         raise ValueError(f"{proposals.paths[0].parent}: images differ from {index.paths[0]} (stale proposals?)")
     num_classes = len(index.json_attr("classes"))
     counts = proposals.counts()
-    points = tuple(k for k in CURVE_POINTS if k <= max(1, counts.max(initial=1)))
+    most = max(1, int(counts.max(initial=1)))
+    points = tuple(k for k in CURVE_POINTS if k < most) + (most,)  # the last point: every proposal
     overlaps, labels = [], []
     for i in range(len(index)):
         keep = ~index.rows("gt_difficult", i)

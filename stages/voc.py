@@ -89,6 +89,8 @@ def parse_annotation(path: Path) -> Annotation:
         root = ET.parse(path).getroot()
     except FileNotFoundError:
         raise DataError(f"{path}: annotation file not found") from None
+    except OSError as exc:  # a folder in its place, no read permission...
+        raise DataError(f"{path}: cannot read the annotation ({exc.strerror or exc})") from None
     except ET.ParseError as exc:
         raise DataError(f"{path}: malformed XML ({exc})") from None
     try:
@@ -138,9 +140,15 @@ def read_split_ids(root: Path, split: str, problems: Problems) -> list[str]:
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"{path}: split file not found (is data.root a VOC folder?)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # Windows editors may start the file with a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the split file ({exc.strerror})") from None
     ids: list[str] = []
     seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         image_id = line.split()[0]
@@ -191,7 +199,7 @@ def build_record(
     try:
         height, width = load_image(image_path).shape[:2]
     except ImageError as exc:
-        problems.add(image_path, str(exc).split(": ", 1)[1])
+        problems.add(image_path, str(exc).removeprefix(f"{image_path}: "))  # the path itself may contain ": "
         return None
     if (ann.width, ann.height) not in ((0, 0), (width, height)):
         problems.add(xml_path, f"size {ann.width}x{ann.height} disagrees with the image's {width}x{height}")

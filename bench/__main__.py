@@ -1,0 +1,5 @@
+"""Run every benchmark: ``python -m bench``."""
+from bench import bench_proposals
+
+if __name__ == "__main__":
+    bench_proposals.main()

@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmarks: a scratch workspace laid out like the repository, and tables."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from stages import index, layout
+from stages.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
+
+
+class Workspace:
+    """A temporary working directory holding a copy of params.yaml; artifacts go to its features_cache/."""
+
+    def __enter__(self) -> "Workspace":
+        self.folder = Path(tempfile.mkdtemp(prefix="rcnn-bench-"))
+        shutil.copy(REPO / "params.yaml", self.folder)
+        self.previous = os.getcwd()
+        os.chdir(self.folder)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.chdir(self.previous)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def config(self) -> Config:
+        return load_config()
+
+    def index(self, cfg: Config) -> None:
+        index.run(cfg.data, layout.INDEX, cfg.runtime.num_workers)
+
+
+def print_table(rows: list[dict]) -> None:
+    """A markdown table, numbers to 3 significant figures."""
+    if not rows:
+        return
+    header = list(rows[0])
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in cells:
+        print("| " + " | ".join(row) + " |")
