@@ -1,5 +1,6 @@
 """Run every benchmark: ``python -m bench``."""
-from bench import bench_proposals
+from bench import bench_luigi_workers, bench_proposals
 
 if __name__ == "__main__":
     bench_proposals.main()
+    bench_luigi_workers.main()

@@ -2,12 +2,17 @@
 
 Every output is written under a temporary name in the same folder and renamed
 into place only when complete, so a killed process, a full disk or an
-exception never leaves a half-written file that looks finished.
+exception never leaves a half-written file that looks finished. A process
+killed outright (SIGKILL, power loss) cannot remove its temporary
+(``.<name>.XXXXXXXX.tmp<suffix>``, hidden, never read as the artifact); the next
+write of the same target removes it. Two concurrent writers of one target are
+not supported (the orchestrators never run one stage twice at once).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +34,18 @@ def _prepare_parent(path: Path) -> None:
         raise OutputError(f"output folder {path.parent} is not writable")
 
 
+def _remove_stale(path: Path, suffix: str) -> None:
+    """Remove temporaries of ``path`` left by a writer that was killed (``mkstemp``/``mkdtemp`` names)."""
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp{re.escape(suffix)}")
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in [e for e in entries if stale.fullmatch(e.name)]:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it to ``path`` on success.
@@ -37,6 +54,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     _prepare_parent(path)
+    _remove_stale(path, suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -57,6 +75,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; it replaces ``path`` on success."""
     path = Path(path)
     _prepare_parent(path)
+    _remove_stale(path, "")
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp_path
