@@ -35,12 +35,16 @@ class Workspace:
 
 
 def print_table(rows: list[dict]) -> None:
-    """A markdown table, numbers to 3 significant figures."""
+    """A markdown table, numbers to 3 significant figures (whole numbers from 100 up)."""
     if not rows:
         return
     header = list(rows[0])
-    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    cells = [[_number(v) if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in cells:
         print("| " + " | ".join(row) + " |")
+
+
+def _number(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"

@@ -210,3 +210,26 @@ def test_problems_attribute_is_json_list(root: Path, tmp_path: Path) -> None:
         (problem,) = json.loads(r.attrs["problems"])
         assert problem.startswith(f"{root / 'Annotations' / 'img4.xml'}: malformed XML")
         assert r.image_ids == ["img3"]
+
+
+# --- a real dataset: BCCD (developers' and CI's machines only) ------------------------------------
+
+from conftest import BCCD  # noqa: E402
+
+
+@pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD dataset not present at {BCCD}")
+def test_bccd_is_read_by_changing_params_only(tmp_path):
+    data = DataParams(root=str(BCCD), train_split="trainval", test_split="test", classes=(), on_error="raise")
+    with pytest.raises(DataError, match="2 problem") as error:
+        index.run(data, tmp_path / "strict")
+    assert "BloodImage_00338.xml" in str(error.value) and "BloodImage_00343.xml" in str(error.value)
+    index.run(DataParams(**{**data.__dict__, "on_error": "skip"}), tmp_path / "index")
+    with PerImageReader([tmp_path / "index" / "trainval.h5"]) as trainval, PerImageReader(
+        [tmp_path / "index" / "test.h5"]
+    ) as test:
+        assert (len(trainval), len(test)) == (292, 72)
+        assert trainval.json_attr("classes") == ["Platelets", "RBC", "WBC"]
+        assert len(trainval.json_attr("problems")) == 2
+        assert int(trainval.counts().sum() + test.counts().sum()) > 4000
+        first = trainval.rows("gt_boxes", trainval.position("BloodImage_00000"))
+        assert first[0].tolist() == [259.0, 176.0, 491.0, 376.0]  # WBC xmin 260 ymin 177 xmax 491 ymax 376
