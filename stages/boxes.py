@@ -33,6 +33,17 @@ def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     return torch_box_iou(torch.from_numpy(as_boxes(boxes1)), torch.from_numpy(as_boxes(boxes2))).numpy()
 
 
+def intersection_over_smaller(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    """``(N, 4)``, ``(M, 4)`` -> ``(N, M)`` intersection area over the smaller of the two areas.
+
+    Unlike IoU, this is high when a small box lies inside a large one.
+    """
+    top_left = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    intersection = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
+    return intersection / np.minimum(box_area(boxes1)[:, None], box_area(boxes2)[None, :])
+
+
 def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     """``(N, 4)`` -> ``(N, 4)`` boxes clipped to the image ``[0, width] x [0, height]``."""
     upper = np.array([width, height, width, height], dtype=np.float32)

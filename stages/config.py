@@ -92,6 +92,35 @@ class ProposalParams:
 
 
 @dataclass(frozen=True)
+class FinetuneParams:
+    """Fine-tuning the ImageNet backbone on warped regions (stage ``finetune``, R-CNN step 2)."""
+
+    arch: str
+    weights: str
+    input_size: int
+    padding: int
+    batch_size: int
+    positive_fraction: float
+    fg_iou: float
+    iterations: int
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    lr_step: int
+    lr_gamma: float
+    mirror: bool
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.input_size < 1 or not 0 <= self.padding < self.input_size / 2:
+            raise ConfigError(f"need input_size >= 1 and 0 <= padding < input_size / 2, got {self.input_size}, {self.padding}")
+        if self.batch_size < 1 or self.iterations < 1 or self.lr_step < 1:
+            raise ConfigError("batch_size, iterations and lr_step must be at least 1")
+        if not 0 <= self.positive_fraction <= 1 or not 0 < self.fg_iou <= 1:
+            raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1, got {self.positive_fraction}, {self.fg_iou}")
+
+
+@dataclass(frozen=True)
 class RuntimeParams:
     """How to run, never what to compute: no stage output depends on these."""
 
@@ -104,6 +133,7 @@ class Config:
     data: DataParams
     sharding: ShardingParams
     proposals: ProposalParams
+    finetune: FinetuneParams
     runtime: RuntimeParams
 
 

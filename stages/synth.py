@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stages.atomic import atomic_dir
+from stages.boxes import intersection_over_smaller
 from stages.config import ConfigError, SyntheticParams
 from stages.voc import VocObject, write_annotation
 
@@ -172,20 +173,9 @@ def _free_position(rng: Rng, w: int, h: int, placed: list[Sprite], width: int, h
     boxes = np.array([[s.x, s.y, s.x + s.alpha.shape[1], s.y + s.alpha.shape[0]] for s in placed]).reshape(-1, 4)
     for _ in range(PLACEMENT_TRIES):
         x, y = int(rng.integers(width - w, endpoint=True)), int(rng.integers(height - h, endpoint=True))
-        if (_overlap(np.array([x, y, x + w, y + h]), boxes) <= MAX_OVERLAP).all():
+        if (intersection_over_smaller(np.array([[x, y, x + w, y + h]]), boxes) <= MAX_OVERLAP).all():
             break
     return x, y
-
-
-def _overlap(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """``(4,)``, ``(N, 4)`` -> ``(N,)`` intersection area over the smaller of the two areas.
-
-    Unlike IoU, this is high when a small box lies inside a large one, the case
-    where the small object could be hidden entirely.
-    """
-    wh = np.clip(np.minimum(box[2:], boxes[:, 2:]) - np.maximum(box[:2], boxes[:, :2]), 0, None)
-    areas = (boxes[:, 2:] - boxes[:, :2]).prod(axis=1)
-    return wh.prod(axis=1) / np.minimum(areas, (box[2:] - box[:2]).prod())
 
 
 def _colour(rng: Rng, hue: float) -> np.ndarray:

@@ -9,6 +9,7 @@ from stages.boxes import (
     box_area,
     box_iou,
     clip_boxes,
+    intersection_over_smaller,
     min_side,
     scale_boxes,
     unique_boxes,
@@ -127,3 +128,11 @@ def test_unique_boxes_keeps_first_occurrences_in_order() -> None:
 
 def test_unique_boxes_empty() -> None:
     assert unique_boxes(np.zeros((0, 4), np.float32)).shape == (0,)
+
+
+def test_intersection_over_smaller_by_hand():
+    big = np.array([[0, 0, 10, 10]], np.float32)
+    others = np.array([[2, 2, 4, 4], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
+    # inside: 4/min(100, 4) = 1; half overlap: 50/min(100, 100) = 0.5; disjoint: 0
+    np.testing.assert_allclose(intersection_over_smaller(big, others), [[1.0, 0.5, 0.0]])
+    assert intersection_over_smaller(big, np.zeros((0, 4), np.float32)).shape == (1, 0)
