@@ -179,11 +179,34 @@ class Recall(StageTask):
         recall.run(config().data.splits, config().sharding.num_shards, layout.PROPOSAL_METRICS)
 
 
+class Finetune(StageTask):
+    module = "finetune"
+
+    def requires(self) -> list[luigi.Task]:
+        cfg = config()
+        return [Index()] + [Proposals(split=cfg.data.train_split, shard=k) for k in cfg.sharding.shards]
+
+    def params(self) -> dict[str, Any]:
+        cfg = config()
+        return {"finetune": as_dict(cfg.finetune), "data.train_split": cfg.data.train_split,
+                "sharding": as_dict(cfg.sharding)}
+
+    def outputs(self) -> list[Path]:
+        return [layout.FINETUNED_MODEL, layout.FINETUNE_CURVE]
+
+    def execute(self) -> None:
+        from stages import finetune
+
+        cfg = config()
+        finetune.run(cfg.finetune, cfg.data.train_split, cfg.sharding.num_shards, layout.FINETUNED_MODEL,
+                     layout.FINETUNE_CURVE, cfg.runtime.num_workers)
+
+
 class RunAll(luigi.WrapperTask):
     """Every stage of the pipeline."""
 
     def requires(self) -> list[luigi.Task]:
-        return [Recall()]
+        return [Recall(), Finetune()]
 
 
 def folder_fingerprint(root: Path) -> str:

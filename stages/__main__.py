@@ -46,6 +46,19 @@ def _recall(cfg: Config, args: argparse.Namespace) -> None:
     recall.run(cfg.data.splits, cfg.sharding.num_shards, layout.PROPOSAL_METRICS)
 
 
+def _finetune(cfg: Config, args: argparse.Namespace) -> None:
+    from stages import finetune
+
+    finetune.run(
+        cfg.finetune,
+        cfg.data.train_split,
+        cfg.sharding.num_shards,
+        layout.FINETUNED_MODEL,
+        layout.FINETUNE_CURVE,
+        cfg.runtime.num_workers,
+    )
+
+
 def _inspect(cfg: Config | None, args: argparse.Namespace) -> None:
     from stages import inspect
 
@@ -71,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, required=True)
     p.set_defaults(func=_proposals)
     commands.add_parser("recall", help="proposal recall report (DVC metrics and plots)").set_defaults(func=_recall)
+    commands.add_parser("finetune", help="fine-tune the backbone on warped regions (R-CNN step 2)").set_defaults(
+        func=_finetune
+    )
 
     p = commands.add_parser("inspect", help="print a readable summary of any artifact")
     p.add_argument("path", type=Path)

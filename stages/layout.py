@@ -15,6 +15,8 @@ INDEX = CACHE / "index"
 PROPOSALS = CACHE / "proposals"
 REPORTS = CACHE / "reports"
 PROPOSAL_METRICS = REPORTS / "proposals.json"
+FINETUNED_MODEL = CACHE / "finetune" / "model.pt"
+FINETUNE_CURVE = REPORTS / "finetune_curve.csv"
 
 
 def index_file(split: str) -> Path:

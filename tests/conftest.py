@@ -19,6 +19,7 @@ BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
 TINY = {
     "synthetic": {"num_trainval": 6, "num_test": 4, "min_side": 96, "max_side": 160, "max_object_size": 64},
     "proposals": {"max_side": 160, "max_boxes": 300},
+    "finetune": {"input_size": 64, "batch_size": 8, "iterations": 3, "lr_step": 2},
     "runtime": {"num_workers": 2},
 }
 

@@ -18,7 +18,13 @@ from conftest import REPO, tiny_params, write_params
 
 BIN = Path(sys.executable).parent
 PROPOSAL_STAGES = [f"proposals@{s}-{k}" for s in ("trainval", "test") for k in (0, 1)]
-COMMAND_MODULES = {"synthetic": "synth", "index": "index", "proposals": "proposals", "recall": "recall"}
+COMMAND_MODULES = {
+    "synthetic": "synth",
+    "index": "index",
+    "proposals": "proposals",
+    "recall": "recall",
+    "finetune": "finetune",
+}
 
 
 def dvc_stages() -> dict:
@@ -126,8 +132,10 @@ def luigi_run(folder: Path) -> list[str]:
 
 
 def artifacts(folder: Path) -> dict[str, bytes]:
-    """Every HDF5 artifact's bytes and the metrics without the timing figures."""
+    """Every HDF5 artifact, the model and its training curve, and the metrics without the timing figures."""
     found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / layout.CACHE).rglob("*.h5"))}
+    for path in (layout.FINETUNED_MODEL, layout.FINETUNE_CURVE):
+        found[str(path)] = (folder / path).read_bytes()
     metrics = json.loads((folder / layout.PROPOSAL_METRICS).read_text())
     for split in metrics.values():
         split.pop("seconds_per_image")
@@ -142,15 +150,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     dvc_dir, luigi_dir = project_copy(root / "dvc", tiny_params()), project_copy(root / "luigi", tiny_params())
     sh(dvc_dir, "git", "init", "-q")
     sh(dvc_dir, "dvc", "init", "-q")
-    assert sorted(dvc_repro(dvc_dir)) == sorted(["synthetic", "index", "recall", *PROPOSAL_STAGES])
-    assert luigi_run(luigi_dir) == ["Index", "Proposals", "Recall", "Synthetic"]
+    assert sorted(dvc_repro(dvc_dir)) == sorted(["synthetic", "index", "recall", "finetune", *PROPOSAL_STAGES])
+    assert luigi_run(luigi_dir) == ["Finetune", "Index", "Proposals", "Recall", "Synthetic"]
     return dvc_dir, luigi_dir
 
 
 def test_both_orchestrators_write_identical_artifacts(runs):
     dvc_dir, luigi_dir = runs
     dvc_artifacts, luigi_artifacts = artifacts(dvc_dir), artifacts(luigi_dir)
-    assert len(dvc_artifacts) == 2 + 4 + 1  # two index files, four proposal shards, metrics
+    assert len(dvc_artifacts) == 2 + 4 + 2 + 1  # two index files, four proposal shards, model and curve, metrics
     assert dvc_artifacts == luigi_artifacts
     metrics = json.loads((dvc_dir / layout.PROPOSAL_METRICS).read_text())
     assert set(metrics) == {"trainval", "test"} and metrics["trainval"]["images"] == 6
@@ -170,8 +178,8 @@ def test_a_parameter_change_reruns_exactly_its_dependents(runs):
     params["proposals"]["max_boxes"] = 50
     for folder in runs:
         write_params(folder, params)
-    assert sorted(dvc_repro(dvc_dir)) == sorted([*PROPOSAL_STAGES, "recall"])
-    assert luigi_run(luigi_dir) == ["Proposals", "Recall"]
+    assert sorted(dvc_repro(dvc_dir)) == sorted([*PROPOSAL_STAGES, "recall", "finetune"])
+    assert luigi_run(luigi_dir) == ["Finetune", "Proposals", "Recall"]
     assert artifacts(dvc_dir) == artifacts(luigi_dir)
     params["runtime"]["num_workers"] = 1  # how to run, not what: nothing reruns
     for folder in runs:

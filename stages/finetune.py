@@ -1,0 +1,347 @@
+"""Stage ``finetune``: fine-tune an ImageNet backbone for detection on warped regions (R-CNN step 2).
+
+Training windows are every selective-search proposal of the training split
+(all shards) plus every ground-truth box of its index, difficult ones included.
+A window is foreground for class ``c`` (label ``c + 1``) when its best IoU over
+the image's ground truth is at least ``fg_iou`` and that best box is of class
+``c``; otherwise it is background (label 0): ``N + 1`` classes. Each
+mini-batch holds ``round(batch_size * positive_fraction)`` foreground windows
+and the rest background, drawn uniformly over all images' windows (with
+replacement only when there are fewer such windows than the batch needs).
+Each window is dilated to ``padding`` pixels of context, warped
+anisotropically to ``input_size`` with the backbone's mean colour outside the
+image (:func:`stages.warp.warp_regions`), mirrored with probability 1/2 if
+``mirror``, and normalised with the backbone's mean and std.
+
+The backbone (``build_backbone(arch, weights)``) gets a fresh ``N + 1``-way
+classifier and is trained with SGD (momentum, weight decay), a step learning
+rate and cross-entropy; on CUDA under autocast (bfloat16, or float16 with a
+gradient scaler), on the CPU in float32.
+
+Data loading: batch ``b`` is fully described by ``(seed, b)`` (its windows and
+mirror flags come from a generator seeded with both), so the loss curve does
+not depend on the number or scheduling of loader workers. Worker processes are
+spawned (a fork of a process whose torch/OpenCV thread pools already run can
+deadlock) and decode each image on demand, once per batch however many of its
+windows the batch holds, with a small LRU cache; only the window table (boxes,
+image numbers, labels; shared with the workers through torch's shared memory)
+is held for the whole split, never the images.
+
+Outputs: the model file (``torch.save`` of a dict: ``arch``, ``classes``,
+``num_classes``, ``input_size``, ``padding``, ``mean``, ``std``,
+``state_dict``, plus ``params``, ``code_version`` and ``inputs`` digests for
+provenance), read back with :func:`load_model`; and the training curve CSV
+``iteration,loss,accuracy`` (means over the last :data:`CURVE_WINDOW`
+iterations, one row every ``max(1, iterations // 200)`` iterations and at the
+last).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from stages.atomic import atomic_path, write_text
+from stages.backbones import Backbone, build_backbone
+from stages.boxes import as_boxes, box_iou
+from stages.config import FinetuneParams, as_dict
+from stages.errors import PipelineError
+from stages.images import load_image
+from stages.layout import index_file, proposals_dir
+from stages.provenance import code_version, file_digest
+from stages.store import PerImageReader, shard_path
+from stages.warp import to_tensor_batch, warp_regions
+
+CURVE_WINDOW = 10  # iterations averaged into each curve row
+IMAGE_CACHE = 8  # decoded images kept per loader worker
+
+
+class FinetuneError(PipelineError, ValueError):
+    """The training windows cannot make the requested mini-batches, or a model file is unusable."""
+
+
+# --- windows -------------------------------------------------------------------------------------
+
+
+def label_windows(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, fg_iou: float) -> np.ndarray:
+    """``(M,)`` int64 labels: ``gt_labels[j] + 1`` of the best-overlapping ground truth ``j`` if IoU >= ``fg_iou``, else 0.
+
+    Ties in IoU go to the first ground-truth box.
+    """
+    boxes = as_boxes(boxes)
+    if len(gt_boxes) == 0 or len(boxes) == 0:
+        return np.zeros(len(boxes), dtype=np.int64)
+    iou = box_iou(boxes, as_boxes(gt_boxes))
+    best = iou.argmax(axis=1)
+    foreground = iou[np.arange(len(boxes)), best] >= fg_iou
+    return np.where(foreground, np.asarray(gt_labels, dtype=np.int64)[best] + 1, 0)
+
+
+@dataclass
+class Windows:
+    """The training windows of a split: ``boxes (M, 4) float32``, ``images (M,) int32``, ``labels (M,) int64``.
+
+    ``images`` numbers into ``paths`` (absolute image files). Held as torch
+    tensors so that DataLoader workers map them from shared memory.
+    """
+
+    paths: list[str]
+    boxes: torch.Tensor
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def foreground(self) -> np.ndarray:
+        return np.flatnonzero(self.labels.numpy() > 0)
+
+    @property
+    def background(self) -> np.ndarray:
+        return np.flatnonzero(self.labels.numpy() == 0)
+
+
+def collect_windows(index: PerImageReader, proposals: PerImageReader, fg_iou: float) -> Windows:
+    """Every proposal and every ground-truth box of every image of ``index``, labelled (:func:`label_windows`)."""
+    if sorted(proposals.image_ids) != sorted(index.image_ids):
+        raise FinetuneError(
+            f"proposals in {proposals.paths[0].parent} are not of the images of {index.paths[0]} "
+            "(stale artifact; rerun the proposals stage)"
+        )
+    root = Path(index.attrs["data_root"])
+    paths, boxes, images, labels = [], [], [], []
+    for i, image_id in enumerate(index.image_ids):
+        gt_boxes, gt_labels = index.rows("gt_boxes", i), index.rows("gt_labels", i)
+        windows = np.concatenate([as_boxes(proposals.rows("boxes", proposals.position(image_id))), as_boxes(gt_boxes)])
+        paths.append(str(root / index.value("paths", i)))
+        boxes.append(windows)
+        images.append(np.full(len(windows), i, dtype=np.int32))
+        labels.append(label_windows(windows, gt_boxes, gt_labels, fg_iou))
+    return Windows(
+        paths,
+        torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)),
+        torch.from_numpy(np.concatenate(images) if images else np.zeros(0, np.int32)),
+        torch.from_numpy(np.concatenate(labels) if labels else np.zeros(0, np.int64)),
+    )
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+def sample_batch(
+    rng: np.random.Generator, foreground: np.ndarray, background: np.ndarray, batch_size: int, positive_fraction: float
+) -> np.ndarray:
+    """``(batch_size,)`` window numbers: ``round(batch_size * positive_fraction)`` foreground first, then background.
+
+    Each part is drawn uniformly without replacement, or with replacement when
+    there are fewer windows of that kind than the part needs.
+    """
+    num_fg = int(round(batch_size * positive_fraction))
+    parts = []
+    for pool, count, kind in ((foreground, num_fg, "foreground"), (background, batch_size - num_fg, "background")):
+        if count == 0:
+            continue
+        if len(pool) == 0:
+            raise FinetuneError(
+                f"no {kind} windows to fill {count} of each mini-batch of {batch_size} "
+                f"(finetune.fg_iou / positive_fraction, or the proposals and ground truth of the split)"
+            )
+        parts.append(rng.choice(pool, size=count, replace=len(pool) < count))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def batch_plan(params: FinetuneParams, foreground: np.ndarray, background: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows and mirror flags of mini-batch number ``batch``: a function of ``params.seed`` and ``batch`` only."""
+    rng = np.random.default_rng([params.seed, batch])
+    chosen = sample_batch(rng, foreground, background, params.batch_size, params.positive_fraction)
+    mirror = rng.random(len(chosen)) < 0.5 if params.mirror else np.zeros(len(chosen), dtype=bool)
+    return chosen, mirror
+
+
+class WindowBatches(Dataset):
+    """``dataset[b]`` is mini-batch ``b``: ``(N, 3, S, S)`` float32 normalised regions and ``(N,)`` int64 labels."""
+
+    def __init__(
+        self, windows: Windows, params: FinetuneParams, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        self.windows = windows
+        self.params = params
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.fill = tuple(255 * m for m in mean)
+        # tensors, not arrays: spawned workers map them from shared memory instead of each holding a copy
+        self.foreground = torch.from_numpy(windows.foreground)
+        self.background = torch.from_numpy(windows.background)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.params.iterations
+
+    def image(self, i: int) -> np.ndarray:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        image = load_image(self.windows.paths[i])
+        self._cache[i] = image
+        if len(self._cache) > IMAGE_CACHE:
+            self._cache.popitem(last=False)
+        return image
+
+    def __getitem__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, mirror = batch_plan(self.params, self.foreground.numpy(), self.background.numpy(), batch)
+        size = self.params.input_size
+        regions = np.empty((len(chosen), size, size, 3), dtype=np.uint8)
+        images = self.windows.images.numpy()[chosen]
+        boxes = self.windows.boxes.numpy()[chosen]
+        for i in np.unique(images):  # one decode per image, however many of its windows the batch holds
+            rows = np.flatnonzero(images == i)
+            regions[rows] = warp_regions(self.image(int(i)), boxes[rows], size, self.params.padding, self.fill, mirror[rows])
+        labels = self.windows.labels[torch.from_numpy(chosen)]
+        return to_tensor_batch(regions, self.mean, self.std), labels
+
+
+def _init_worker(_: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)  # parallelism comes from the worker processes
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
+    """The fine-tuned :class:`Backbone` saved by :func:`run`, in eval mode, with ``input_size`` and ``padding`` set.
+
+    The file's ``classes`` (without background; logits are ``len(classes) + 1``-way,
+    0 = background) stay available as ``model.classes``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"{path}: model file not found (run the finetune stage first)")
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        model = build_backbone(saved["arch"], "random", saved["num_classes"])
+        model.load_state_dict(saved["state_dict"], strict=True)
+    except (KeyError, RuntimeError, OSError, ValueError) as exc:
+        raise FinetuneError(f"{path}: not a fine-tuned model file of this pipeline ({exc})") from None
+    model.input_size = int(saved["input_size"])
+    model.padding = int(saved["padding"])
+    model.mean, model.std = tuple(saved["mean"]), tuple(saved["std"])
+    model.classes = list(saved["classes"])
+    return model.eval()
+
+
+def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """Autocast dtype (None: float32) and whether a gradient scaler is needed."""
+    if device.type != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def curve_rows(losses: Sequence[float], correct: Sequence[float], every: int) -> list[str]:
+    """CSV rows ``iteration,loss,accuracy`` (1-based iteration, means over the last CURVE_WINDOW)."""
+    rows = ["iteration,loss,accuracy"]
+    n = len(losses)
+    for i in range(n):
+        if (i + 1) % every and i != n - 1:
+            continue
+        start = max(0, i + 1 - CURVE_WINDOW)
+        rows.append(f"{i + 1},{np.mean(losses[start:i + 1]):.6f},{np.mean(correct[start:i + 1]):.6f}")
+    return rows
+
+
+def run(
+    params: FinetuneParams,
+    split: str,
+    num_shards: int,
+    model_path: Path,
+    curve_path: Path,
+    num_workers: int = 0,
+) -> None:
+    """Fine-tune on the windows of ``split`` (its index and ``num_shards`` proposal shards); write the model and curve."""
+    index_path = index_file(split)
+    with PerImageReader([index_path]) as index, PerImageReader.sharded(proposals_dir(split), num_shards) as proposals:
+        classes = [str(c) for c in index.json_attr("classes")]
+        windows = collect_windows(index, proposals, params.fg_iou)
+    num_fg, num_bg = len(windows.foreground), len(windows.background)
+    print(f"finetune {split}: {len(windows.paths)} images, {num_fg} foreground and {num_bg} background windows, "
+          f"{len(classes) + 1} classes", flush=True)
+    batch_plan(params, windows.foreground, windows.background, 0)  # fail now, not in a worker, if batches are impossible
+
+    torch.manual_seed(params.seed)
+    model = build_backbone(params.arch, params.weights)
+    model.replace_classifier(len(classes) + 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    amp_dtype, needs_scaler = _precision(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
+    optimizer = torch.optim.SGD(model.parameters(), lr=params.learning_rate, momentum=params.momentum,
+                                weight_decay=params.weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=params.lr_step, gamma=params.lr_gamma)
+    loss_fn = nn.CrossEntropyLoss()
+
+    workers = max(1, num_workers or os.cpu_count() or 1)
+    loader = DataLoader(
+        WindowBatches(windows, params, model.mean, model.std),
+        batch_size=None,  # each item is already a mini-batch
+        shuffle=False,
+        num_workers=workers,
+        multiprocessing_context=multiprocessing.get_context("spawn"),
+        worker_init_fn=_init_worker,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2,
+    )
+    losses: list[float] = []
+    correct: list[float] = []
+    progress = tqdm(loader, total=params.iterations, desc=f"finetune {split}", unit="it")
+    for x, y in progress:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        losses.append(loss.item())
+        correct.append((logits.argmax(1) == y).float().mean().item())
+        if not math.isfinite(losses[-1]):
+            raise FinetuneError(f"training diverged at iteration {len(losses)} (loss {losses[-1]}); "
+                                "lower finetune.learning_rate")
+        recent = slice(-CURVE_WINDOW, None)
+        progress.set_postfix(loss=f"{np.mean(losses[recent]):.3f}", acc=f"{np.mean(correct[recent]):.2f}")
+    progress.close()
+
+    model.eval()
+    saved = {
+        "arch": params.arch,
+        "classes": classes,
+        "num_classes": len(classes) + 1,
+        "input_size": params.input_size,
+        "padding": params.padding,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "params": as_dict(params),
+        "code_version": code_version("finetune"),
+        "inputs": {
+            "index": file_digest(index_path),
+            **{f"proposals/{k}": file_digest(shard_path(proposals_dir(split), k)) for k in range(num_shards)},
+        },
+    }
+    with atomic_path(model_path, ".pt") as tmp, open(tmp, "wb") as f:
+        # To a file object, not a path: torch.save names the zip's records after the file, and
+        # the temporary's random name would make two identical runs differ byte for byte.
+        torch.save(saved, f)
+    every = max(1, params.iterations // 200)
+    write_text(curve_path, "\n".join(curve_rows(losses, correct, every)) + "\n")
