@@ -112,16 +112,12 @@ class Windows:
 
 def collect_windows(index: PerImageReader, proposals: PerImageReader, fg_iou: float) -> Windows:
     """Every proposal and every ground-truth box of every image of ``index``, labelled (:func:`label_windows`)."""
-    if sorted(proposals.image_ids) != sorted(index.image_ids):
-        raise FinetuneError(
-            f"proposals in {proposals.paths[0].parent} are not of the images of {index.paths[0]} "
-            "(stale artifact; rerun the proposals stage)"
-        )
+    proposals.require_images_of(index)
     root = Path(index.attrs["data_root"])
     paths, boxes, images, labels = [], [], [], []
-    for i, image_id in enumerate(index.image_ids):
+    for i in range(len(index)):
         gt_boxes, gt_labels = index.rows("gt_boxes", i), index.rows("gt_labels", i)
-        windows = np.concatenate([as_boxes(proposals.rows("boxes", proposals.position(image_id))), as_boxes(gt_boxes)])
+        windows = np.concatenate([as_boxes(proposals.rows("boxes", i)), as_boxes(gt_boxes)])
         paths.append(str(root / index.value("paths", i)))
         boxes.append(windows)
         images.append(np.full(len(windows), i, dtype=np.int32))

@@ -36,8 +36,7 @@ def best_overlaps(gt: np.ndarray, proposals: np.ndarray, points: tuple[int, ...]
 
 def split_report(index: PerImageReader, proposals: PerImageReader) -> tuple[dict, list[dict]]:
     """Metrics and recall curve of one split."""
-    if index.image_ids != proposals.image_ids:
-        raise ValueError(f"{proposals.paths[0].parent}: images differ from {index.paths[0]} (stale proposals?)")
+    proposals.require_images_of(index)
     num_classes = len(index.json_attr("classes"))
     counts = proposals.counts()
     most = max(1, int(counts.max(initial=1)))

@@ -184,6 +184,14 @@ class PerImageReader:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def require_images_of(self, other: "PerImageReader") -> None:
+        """Raise :class:`ArtifactError` unless this artifact holds exactly ``other``'s images, in order."""
+        if self.image_ids != other.image_ids:
+            raise ArtifactError(
+                f"{self.paths[0].parent}: its images differ from those of {other.paths[0]} "
+                "(stale artifact; rerun its stage)"
+            )
+
     @property
     def attrs(self) -> h5py.AttributeManager:
         """The attributes of the first file (shards share their parameters and provenance)."""
