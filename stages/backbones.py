@@ -1,30 +1,37 @@
 """Backbone registry: the ImageNet CNNs that the R-CNN stages fine-tune and read features from.
 
 ``build_backbone(arch, weights, num_classes)`` returns a :class:`Backbone`, the
-same four-part chain for every architecture::
+same parts for every architecture::
 
-    image --features--> conv map --pool--> pool feature --head--> fc feature --classifier--> logits
-          (stride S, C channels)   (R-CNN's pool5)        (R-CNN's fc7)
+    image --features--> conv map --head--> fc feature --classifier--> logits
+                       (stride S,  +--pool--> pool feature
+                        C channels)
 
-``features`` is the map SPP-net projects boxes onto; ``pool`` and ``head`` are
-the rest of the network up to, not including, the last linear layer.
+``features`` is the conv map SPP-net projects boxes onto (stride 16 for every
+architecture, as SPP-net's and Fast R-CNN's conv5); ``head`` is the rest of the
+pre-trained network up to, not including, the last linear layer, and gives the
+fc feature (R-CNN's fc7, used by the SVMs); ``pool`` max-pools the conv map to a
+small spatial grid, the pool feature (R-CNN's pool5, used by box regression,
+which needs to know where in the region things are).
 
-========================  ======  ========  ==========  ========  ==========================
-arch                      stride  channels  pool dim    fc dim    ImageNet weights
-========================  ======  ========  ==========  ========  ==========================
-efficientnet_lite0        32      1280      1280        1280      pip package (offline)
-alexnet                   16      256       9216        4096      torchvision IMAGENET1K_V1
-vgg16                     16      512       25088       4096      torchvision IMAGENET1K_V1
-resnet50                  32      2048      2048        2048      torchvision IMAGENET1K_V1
-========================  ======  ========  ==========  ========  ==========================
+========================  ======  ========  =============  ========  ==========================
+arch                      stride  channels  pool           fc dim    ImageNet weights
+========================  ======  ========  =============  ========  ==========================
+efficientnet_lite0        16      112       4x4 -> 1792    1280      pip package (offline)
+alexnet                   16      256       6x6 -> 9216    4096      torchvision IMAGENET1K_V1
+vgg16                     16      512       7x7 -> 25088   4096      torchvision IMAGENET1K_V1
+resnet50                  16      1024      2x2 -> 4096    2048      torchvision IMAGENET1K_V1
+========================  ======  ========  =============  ========  ==========================
 
 AlexNet and VGG16 stop ``features`` at conv5 (before the last max pool), as
 SPP-net and Fast R-CNN do; their ``pool`` is that max pool plus torchvision's
-adaptive average pool, so a 224 input gives exactly torchvision's pool5. For
-EfficientNet-Lite0 and ResNet-50, which have one global average pool and no
-hidden fully connected layer, the pool and fc features are the same vector
-(``head`` is only the dropout before the classifier); the 1x1 ``conv_head``
-of EfficientNet belongs to ``features`` because it must act before pooling.
+adaptive average pool, so a 224 input gives exactly torchvision's pool5, and
+``head`` continues from it through fc6 and fc7. EfficientNet-Lite0 and
+ResNet-50 have no hidden fully connected layer: ``features`` stops at the last
+stride-16 stage (Lite0's 112-channel blocks, ResNet's layer3), ``head`` is the
+remaining pre-trained stages, the global average pool (and Lite0's dropout),
+and ``pool`` is an adaptive max pool of the stride-16 map. The two features
+therefore come from different depths for every architecture.
 """
 from __future__ import annotations
 
@@ -60,7 +67,7 @@ class WeightsError(PipelineError, FileNotFoundError):
 
 
 class Backbone(nn.Module):
-    """``features -> pool -> head -> classifier``; see the module docstring for each part.
+    """``features -> head -> classifier``, and ``features -> pool``; see the module docstring.
 
     ``mean``/``std`` (RGB, pixel values scaled to 0..1) and ``input_size`` are
     the preprocessing the weights were trained with.
@@ -96,11 +103,11 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(N, pool_dim)`` pool features and ``(N, fc_dim)`` fc features of normalised images."""
-        pooled = self.pool(self.features(x))
-        return pooled, self.head(pooled)
+        conv = self.features(x)
+        return self.pool(conv), self.head(conv)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.forward_features(x)[1])
+        return self.classifier(self.head(self.features(x)))
 
     def replace_classifier(self, num_outputs: int) -> None:
         """A fresh ``fc_dim -> num_outputs`` last layer, initialised N(0, 0.01) as R-CNN's fc8."""
@@ -187,11 +194,18 @@ class _Lite0Layers(nn.Module):
 
 
 def _lite0_backbone(net: _Lite0Layers) -> Backbone:
-    features = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(), *net._blocks,
-                             net._conv_head, net._bn1, nn.ReLU6())
-    return Backbone(arch="efficientnet_lite0", features=features, stride=32, feature_channels=1280,
-                    pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), pool_dim=1280,
-                    head=nn.Dropout(0.2), classifier=net._fc, mean=LITE_MEAN, std=LITE_STD)
+    stride16 = sum(stage[3] for stage in _LITE0_STAGES[:5])  # blocks up to the 112-channel stage
+    features = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(), *net._blocks[:stride16])
+    head = nn.Sequential(*net._blocks[stride16:], net._conv_head, net._bn1, nn.ReLU6(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2))
+    return Backbone(arch="efficientnet_lite0", features=features, stride=16, feature_channels=112,
+                    pool=_max_grid(4), pool_dim=112 * 16, head=head, classifier=net._fc,
+                    mean=LITE_MEAN, std=LITE_STD)
+
+
+def _max_grid(cells: int) -> nn.Module:
+    """Conv map -> its adaptive max pool to a ``cells x cells`` grid, flattened."""
+    return nn.Sequential(nn.AdaptiveMaxPool2d(cells), nn.Flatten())
 
 
 def _lite0_imagenet() -> Mapping[str, Tensor]:
@@ -202,20 +216,23 @@ def _lite0_imagenet() -> Mapping[str, Tensor]:
 
 
 def _conv5_backbone(arch: str, net: nn.Module) -> Backbone:
-    """AlexNet / VGG16: conv5 map at stride 16, pool5 = last max pool + adaptive average pool."""
+    """AlexNet / VGG16: conv5 map at stride 16, pool5 = last max pool + adaptive average pool, head = pool5 -> fc7."""
     channels = net.features[-3].out_channels  # the last conv; [-2] is its ReLU, [-1] the max pool
     cells = math.prod(net.avgpool.output_size)
+    pool = nn.Sequential(net.features[-1], net.avgpool, nn.Flatten())
     return Backbone(arch=arch, features=net.features[:-1], stride=16, feature_channels=channels,
-                    pool=nn.Sequential(net.features[-1], net.avgpool, nn.Flatten()), pool_dim=channels * cells,
-                    head=net.classifier[:-1], classifier=net.classifier[-1], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                    pool=pool, pool_dim=channels * cells, head=nn.Sequential(pool, net.classifier[:-1]),
+                    classifier=net.classifier[-1], mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def _resnet_backbone(net: torchvision.models.ResNet) -> Backbone:
-    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    channels = net.fc.in_features
-    return Backbone(arch="resnet50", features=features, stride=32, feature_channels=channels,
-                    pool=nn.Sequential(net.avgpool, nn.Flatten()), pool_dim=channels,
-                    head=nn.Identity(), classifier=net.fc, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    """ResNet-50: layer3 map at stride 16; head = layer4 + global average pool."""
+    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+    channels = net.layer3[-1].conv3.out_channels
+    return Backbone(arch="resnet50", features=features, stride=16, feature_channels=channels,
+                    pool=_max_grid(2), pool_dim=channels * 4,
+                    head=nn.Sequential(net.layer4, net.avgpool, nn.Flatten()), classifier=net.fc,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def _torchvision_imagenet(weights_name: str) -> Mapping[str, Tensor]:

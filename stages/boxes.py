@@ -70,3 +70,35 @@ def unique_boxes(boxes: np.ndarray) -> np.ndarray:
     """``(N, 4)`` -> ``(K,)`` indices of the first occurrence of each distinct box, in order."""
     _, first = np.unique(as_boxes(boxes), axis=0, return_index=True)
     return np.sort(first)
+
+
+def _centre_size(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(N, 4)`` -> centre x, centre y, width, height, each ``(N,)`` float64 (width, height at least 1e-6)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    width = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
+    height = np.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    return boxes[:, 0] + width / 2, boxes[:, 1] + height / 2, width, height
+
+
+def encode_boxes(proposals: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` proposals P, ``(N, 4)`` targets G -> ``(N, 4)`` float32 R-CNN regression targets.
+
+    ``tx = (Gx - Px) / Pw``, ``ty = (Gy - Py) / Ph``, ``tw = log(Gw / Pw)``,
+    ``th = log(Gh / Ph)`` with ``x, y`` the centre and ``w, h`` the size.
+    """
+    px, py, pw, ph = _centre_size(proposals)
+    gx, gy, gw, gh = _centre_size(targets)
+    return np.stack([(gx - px) / pw, (gy - py) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1).astype(np.float32)
+
+
+def decode_boxes(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` proposals, ``(N, 4)`` deltas ``tx, ty, tw, th`` -> ``(N, 4)`` float32 boxes; inverse of :func:`encode_boxes`.
+
+    ``tw`` and ``th`` are capped at ``log(1000 / 16)`` so one wild prediction cannot overflow.
+    """
+    px, py, pw, ph = _centre_size(proposals)
+    deltas = np.asarray(deltas, dtype=np.float64).reshape(-1, 4)
+    cap = np.log(1000 / 16)
+    x, y = px + deltas[:, 0] * pw, py + deltas[:, 1] * ph
+    w, h = pw * np.exp(np.minimum(deltas[:, 2], cap)), ph * np.exp(np.minimum(deltas[:, 3], cap))
+    return np.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], axis=1).astype(np.float32)

@@ -121,6 +121,135 @@ class FinetuneParams:
 
 
 @dataclass(frozen=True)
+class FeatureParams:
+    """The R-CNN feature cache (stage ``features``, R-CNN step 3).
+
+    Which network: ``finetuned`` is the finetune stage's model; ``imagenet`` is
+    ``finetune.arch`` with ``finetune.weights`` as pre-trained (the "no
+    fine-tuning" ablation). Either way regions are warped with
+    ``finetune.input_size`` and ``finetune.padding``.
+    """
+
+    model: Literal["finetuned", "imagenet"]
+    batch_size: int
+    precision: Literal["float16", "float32"]
+    compression: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or not 0 <= self.compression <= 9:
+            raise ConfigError(f"need batch_size >= 1 and 0 <= compression <= 9, got {self.batch_size}, {self.compression}")
+
+
+@dataclass(frozen=True)
+class SppParams:
+    """The SPP-net branch: pyramid features of the pre-trained conv layers, fc layers trained on them, re-cached.
+
+    Stages ``spp_features``, ``spp_finetune`` and ``spp_recache``. The conv layers
+    are ``finetune.arch`` with ``finetune.weights``.
+    """
+
+    scales: tuple[int, ...]
+    max_side: int
+    levels: tuple[int, ...]
+    hidden: int
+    dropout: float
+    batch_size: int
+    positive_fraction: float
+    fg_iou: float
+    iterations: int
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    lr_step: int
+    lr_gamma: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) < 1 or self.max_side < max(self.scales):
+            raise ConfigError(f"need scales >= 1 and max_side >= every scale, got {list(self.scales)}, {self.max_side}")
+        if not self.levels or min(self.levels) < 1 or len(set(self.levels)) != len(self.levels):
+            raise ConfigError(f"levels must be distinct positive grid sizes, got {list(self.levels)}")
+        if min(self.hidden, self.batch_size, self.iterations, self.lr_step) < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("hidden, batch_size, iterations and lr_step must be at least 1, and 0 <= dropout < 1")
+        if not 0 <= self.positive_fraction <= 1 or not 0 < self.fg_iou <= 1:
+            raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1, got {self.positive_fraction}, {self.fg_iou}")
+
+
+@dataclass(frozen=True)
+class SvmParams:
+    """Per-class linear SVMs with hard-negative mining (stage ``svm``, R-CNN step 4)."""
+
+    C: float
+    positive_weight: float
+    intercept_scaling: float
+    target_norm: float
+    norm_sample: int
+    neg_iou: float
+    hard_threshold: float
+    easy_threshold: float
+    retrain_every: int
+    passes: int
+    mining: bool
+    seed: int
+
+    def __post_init__(self) -> None:
+        if min(self.C, self.positive_weight, self.intercept_scaling, self.target_norm) <= 0:
+            raise ConfigError("C, positive_weight, intercept_scaling and target_norm must be positive")
+        if min(self.norm_sample, self.retrain_every, self.passes) < 1 or not 0 <= self.neg_iou < 1:
+            raise ConfigError("norm_sample, retrain_every and passes must be at least 1, and 0 <= neg_iou < 1")
+        if self.easy_threshold >= self.hard_threshold:
+            raise ConfigError(f"easy_threshold ({self.easy_threshold}) must be below hard_threshold ({self.hard_threshold})")
+
+
+@dataclass(frozen=True)
+class BboxParams:
+    """Class-specific ridge box regressors on pool features (stage ``bbox``, R-CNN step 5)."""
+
+    min_iou: float
+    ridge_lambda: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_iou <= 1 or self.ridge_lambda < 0:
+            raise ConfigError(f"need 0 < min_iou <= 1 and ridge_lambda >= 0, got {self.min_iou}, {self.ridge_lambda}")
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Test-time detection (stage ``detect``) and which feature branches run through the post-hoc stages.
+
+    ``recipes`` lists the branches (``rcnn``, ``sppnet``) that get SVMs, box
+    regressors, detections and an evaluation each; ``scorer`` picks the SVM
+    scores or the fine-tuned network's softmax probabilities.
+    """
+
+    recipes: tuple[Literal["rcnn", "sppnet"], ...]
+    scorer: Literal["svm", "softmax"]
+    box_regression: bool
+    nms_iou: float
+    max_per_class: int
+    score_threshold: float
+
+    def __post_init__(self) -> None:
+        if not self.recipes or len(set(self.recipes)) != len(self.recipes):
+            raise ConfigError(f"recipes must be a non-empty list of distinct branches, got {list(self.recipes)}")
+        if not 0 < self.nms_iou <= 1 or self.max_per_class < 1:
+            raise ConfigError(f"need 0 < nms_iou <= 1 and max_per_class >= 1, got {self.nms_iou}, {self.max_per_class}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """PASCAL VOC evaluation (stage ``evaluate``)."""
+
+    iou: float
+    gallery: int
+    gallery_score: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.iou <= 1 or self.gallery < 0:
+            raise ConfigError(f"need 0 < iou <= 1 and gallery >= 0, got {self.iou}, {self.gallery}")
+
+
+@dataclass(frozen=True)
 class RuntimeParams:
     """How to run, never what to compute: no stage output depends on these."""
 
@@ -134,6 +263,12 @@ class Config:
     sharding: ShardingParams
     proposals: ProposalParams
     finetune: FinetuneParams
+    features: FeatureParams
+    sppnet: SppParams
+    svm: SvmParams
+    bbox: BboxParams
+    detect: DetectParams
+    evaluate: EvaluateParams
     runtime: RuntimeParams
 
 

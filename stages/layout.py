@@ -38,3 +38,58 @@ def timing_file(shard_file: Path) -> Path:
 
 def recall_curve(split: str) -> Path:
     return REPORTS / f"recall_curve_{split}.csv"
+
+
+# --- feature caches and the post-hoc stages --------------------------------------------------
+# A "recipe" is a feature branch: rcnn (per-region forward passes) or sppnet (pyramid pooling).
+FEATURES = CACHE / "features"
+SPP = CACHE / "spp"
+SPP_HEAD = SPP / "head.pt"
+SPP_FINETUNE_CURVE = REPORTS / "spp_finetune_curve.csv"
+SVM = CACHE / "svm"
+BBOX = CACHE / "bbox"
+DETECTIONS = CACHE / "detections"
+
+
+def features_dir(recipe: str, split: str) -> Path:
+    """Shards of a recipe's feature cache: rows boxes, gt_label, iou, fc, scores (and pool for rcnn)."""
+    return FEATURES / recipe / split
+
+
+def spp_dir(split: str) -> Path:
+    """Shards of the SPP-net pyramids of the pre-trained conv layers (the sppnet recipe's pool features)."""
+    return SPP / split
+
+
+def svm_model(recipe: str) -> Path:
+    return SVM / f"{recipe}.h5"
+
+
+def svm_report(recipe: str) -> Path:
+    return REPORTS / f"svm_{recipe}.json"
+
+
+def bbox_model(recipe: str) -> Path:
+    return BBOX / f"{recipe}.h5"
+
+
+def detections_file(recipe: str) -> Path:
+    return DETECTIONS / f"{recipe}.h5"
+
+
+def coco_detections(recipe: str) -> Path:
+    """The same detections as a COCO results JSON (``image_id``, ``category_id``, ``bbox`` x, y, w, h, ``score``)."""
+    return DETECTIONS / f"{recipe}.json"
+
+
+def map_metrics(recipe: str) -> Path:
+    return REPORTS / f"map_{recipe}.json"
+
+
+def pr_curve(recipe: str) -> Path:
+    return REPORTS / f"pr_{recipe}.csv"
+
+
+def figures_dir(recipe: str) -> Path:
+    """PNG precision-recall curves and the detection gallery of a recipe."""
+    return REPORTS / f"figures_{recipe}"

