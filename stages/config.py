@@ -153,6 +153,7 @@ class SppParams:
     levels: tuple[int, ...]
     hidden: int
     dropout: float
+    images_per_batch: int
     batch_size: int
     positive_fraction: float
     fg_iou: float
@@ -165,6 +166,8 @@ class SppParams:
     seed: int
 
     def __post_init__(self) -> None:
+        if self.images_per_batch < 1:
+            raise ConfigError(f"images_per_batch must be at least 1, got {self.images_per_batch}")
         if not self.scales or min(self.scales) < 1 or self.max_side < max(self.scales):
             raise ConfigError(f"need scales >= 1 and max_side >= every scale, got {list(self.scales)}, {self.max_side}")
         if not self.levels or min(self.levels) < 1 or len(set(self.levels)) != len(self.levels):
