@@ -1,8 +1,10 @@
 """The pipeline as Luigi tasks: ``luigi --module pipeline RunAll --local-scheduler``.
 
-Each task only wires parameters, requirements and targets, then calls the same
-``stages.<module>.run`` entry point that ``dvc.yaml`` calls through
-``python -m stages``; the artifacts land at the same paths (:mod:`stages.layout`).
+Each task only wires parameters, requirements and targets, then runs its
+``command()`` through :func:`stages.__main__.execute`: the very command line
+that ``dvc.yaml`` gives ``python -m stages`` (a test checks they are equal), so
+both orchestrators call the same ``stages.<module>.run`` with the same
+arguments and write the same paths (:mod:`stages.layout`).
 
 Staleness: Luigi on its own calls a task complete as soon as its output exists.
 Here a task is complete only if its outputs exist *and* the stamp it wrote
@@ -53,7 +55,8 @@ class StageTask(luigi.Task):
     def outputs(self) -> list[Path]:
         raise NotImplementedError
 
-    def execute(self) -> None:
+    def command(self) -> list[str]:
+        """The arguments of ``python -m stages`` that run this stage, as in ``dvc.yaml``."""
         raise NotImplementedError
 
     def output(self) -> list[luigi.LocalTarget]:
@@ -84,7 +87,9 @@ class StageTask(luigi.Task):
         return self.stamp.read_text() == self.signature()
 
     def run(self) -> None:
-        self.execute()
+        from stages.__main__ import execute
+
+        execute(config(), self.command())
         write_text(self.stamp, self.signature())
 
 
@@ -97,10 +102,8 @@ class Synthetic(StageTask):
     def outputs(self) -> list[Path]:
         return [layout.SYNTHETIC]
 
-    def execute(self) -> None:
-        from stages import synth
-
-        synth.run(config().synthetic, layout.SYNTHETIC)
+    def command(self) -> list[str]:
+        return ["synthetic"]
 
 
 class Index(StageTask):
@@ -121,92 +124,221 @@ class Index(StageTask):
     def outputs(self) -> list[Path]:
         return [layout.index_file(split) for split in config().data.splits]
 
-    def execute(self) -> None:
-        from stages import index
-
-        index.run(config().data, layout.INDEX, config().runtime.num_workers)
+    def command(self) -> list[str]:
+        return ["index"]
 
 
-class Proposals(StageTask):
-    module = "proposals"
+def keys(*names: str) -> dict[str, Any]:
+    """``{name: value}`` of params sections (``"svm"``) or single keys (``"data.train_split"``)."""
+    cfg, found = config(), {}
+    for name in names:
+        section, _, key = name.partition(".")
+        value = getattr(cfg, section)
+        found[name] = getattr(value, key) if key else as_dict(value)
+    return json.loads(json.dumps(found, sort_keys=True))
+
+
+class ShardTask(StageTask):
+    """A stage run once per shard of one split."""
+
     split = luigi.Parameter()
     shard = luigi.IntParameter()
+
+    def command(self) -> list[str]:
+        return [self.module, "--split", self.split, "--shard", str(self.shard)]
+
+    def shard_file(self) -> Path:
+        raise NotImplementedError
+
+    def outputs(self) -> list[Path]:
+        return [self.shard_file(), layout.timing_file(self.shard_file())]
+
+
+class Proposals(ShardTask):
+    module = "proposals"
 
     def requires(self) -> list[luigi.Task]:
         return [Index()]
 
     def params(self) -> dict[str, Any]:
-        cfg = config()
-        return {"proposals": as_dict(cfg.proposals), "sharding": as_dict(cfg.sharding), "data.on_error": cfg.data.on_error}
+        return keys("proposals", "sharding", "data.on_error")
 
-    def outputs(self) -> list[Path]:
-        shard_file = layout.proposals_shard(self.split, self.shard)
-        return [shard_file, layout.timing_file(shard_file)]
+    def shard_file(self) -> Path:
+        return layout.proposals_shard(self.split, self.shard)
 
-    def execute(self) -> None:
-        from stages import proposals
 
-        cfg = config()
-        proposals.run(
-            cfg.proposals,
-            cfg.data.on_error,
-            self.split,
-            self.shard,
-            cfg.sharding.num_shards,
-            layout.proposals_shard(self.split, self.shard),
-            cfg.runtime.num_workers,
-        )
+def shards(task: type[ShardTask], split: str) -> list[luigi.Task]:
+    return [task(split=split, shard=k) for k in config().sharding.shards]
 
 
 class Recall(StageTask):
     module = "recall"
 
     def requires(self) -> list[luigi.Task]:
-        cfg = config()
-        return [Proposals(split=s, shard=k) for s in dict.fromkeys(cfg.data.splits) for k in cfg.sharding.shards]
+        return [task for split in dict.fromkeys(config().data.splits) for task in shards(Proposals, split)]
 
     def params(self) -> dict[str, Any]:
-        cfg = config()
-        return {"data.train_split": cfg.data.train_split, "data.test_split": cfg.data.test_split,
-                "sharding": as_dict(cfg.sharding)}
+        return keys("data.train_split", "data.test_split", "sharding")
 
     def outputs(self) -> list[Path]:
         return [layout.PROPOSAL_METRICS] + [layout.recall_curve(s) for s in config().data.splits]
 
-    def execute(self) -> None:
-        from stages import recall
-
-        recall.run(config().data.splits, config().sharding.num_shards, layout.PROPOSAL_METRICS)
+    def command(self) -> list[str]:
+        return ["recall"]
 
 
 class Finetune(StageTask):
     module = "finetune"
 
     def requires(self) -> list[luigi.Task]:
-        cfg = config()
-        return [Index()] + [Proposals(split=cfg.data.train_split, shard=k) for k in cfg.sharding.shards]
+        return [Index()] + shards(Proposals, config().data.train_split)
 
     def params(self) -> dict[str, Any]:
-        cfg = config()
-        return {"finetune": as_dict(cfg.finetune), "data.train_split": cfg.data.train_split,
-                "sharding": as_dict(cfg.sharding)}
+        return keys("finetune", "data.train_split", "sharding")
 
     def outputs(self) -> list[Path]:
         return [layout.FINETUNED_MODEL, layout.FINETUNE_CURVE]
 
-    def execute(self) -> None:
-        from stages import finetune
+    def command(self) -> list[str]:
+        return ["finetune"]
 
-        cfg = config()
-        finetune.run(cfg.finetune, cfg.data.train_split, cfg.sharding.num_shards, layout.FINETUNED_MODEL,
-                     layout.FINETUNE_CURVE, cfg.runtime.num_workers)
+
+class Features(ShardTask):
+    """R-CNN features (step 3) of one shard."""
+
+    module = "features"
+
+    def requires(self) -> list[luigi.Task]:
+        return [Index(), Proposals(split=self.split, shard=self.shard), Finetune()]
+
+    def params(self) -> dict[str, Any]:
+        return keys("features", "finetune", "data.train_split", "sharding")
+
+    def shard_file(self) -> Path:
+        return layout.features_shard("rcnn", self.split, self.shard)
+
+
+class SppFeatures(ShardTask):
+    """SPP-net pyramids of the pre-trained conv layers, one shard."""
+
+    module = "spp_features"
+
+    def requires(self) -> list[luigi.Task]:
+        return [Index(), Proposals(split=self.split, shard=self.shard)]
+
+    def params(self) -> dict[str, Any]:
+        return keys("sppnet", "features.precision", "features.compression", "finetune.arch", "finetune.weights",
+                    "data.train_split", "sharding")
+
+    def shard_file(self) -> Path:
+        return layout.spp_shard(self.split, self.shard)
+
+
+class SppFinetune(StageTask):
+    module = "spp_finetune"
+
+    def requires(self) -> list[luigi.Task]:
+        return shards(SppFeatures, config().data.train_split)
+
+    def params(self) -> dict[str, Any]:
+        return keys("sppnet", "data.train_split", "sharding")
+
+    def outputs(self) -> list[Path]:
+        return [layout.SPP_HEAD, layout.SPP_FINETUNE_CURVE]
+
+    def command(self) -> list[str]:
+        return ["spp_finetune"]
+
+
+class SppRecache(ShardTask):
+    """The sppnet recipe's feature cache of one shard: fine-tuned fc features next to the pyramids."""
+
+    module = "spp_recache"
+
+    def requires(self) -> list[luigi.Task]:
+        return [SppFeatures(split=self.split, shard=self.shard), SppFinetune()]
+
+    def params(self) -> dict[str, Any]:
+        return keys("features.precision", "features.compression", "sharding")
+
+    def shard_file(self) -> Path:
+        return layout.features_shard("sppnet", self.split, self.shard)
+
+
+FEATURE_TASKS: dict[str, type[ShardTask]] = {"rcnn": Features, "sppnet": SppRecache}
+
+
+class RecipeTask(StageTask):
+    """A post-hoc stage run once per feature branch (``detect.recipes``)."""
+
+    recipe = luigi.ChoiceParameter(choices=list(FEATURE_TASKS))
+
+    def command(self) -> list[str]:
+        return [self.module, "--recipe", self.recipe]
+
+    def feature_shards(self, split: str) -> list[luigi.Task]:
+        return shards(FEATURE_TASKS[self.recipe], split)
+
+
+class Svm(RecipeTask):
+    module = "svm"
+
+    def requires(self) -> list[luigi.Task]:
+        return self.feature_shards(config().data.train_split)
+
+    def params(self) -> dict[str, Any]:
+        return keys("svm", "data.train_split", "sharding")
+
+    def outputs(self) -> list[Path]:
+        return [layout.svm_model(self.recipe), layout.svm_report(self.recipe)]
+
+
+class Bbox(RecipeTask):
+    module = "bbox"
+
+    def requires(self) -> list[luigi.Task]:
+        return self.feature_shards(config().data.train_split)
+
+    def params(self) -> dict[str, Any]:
+        return keys("bbox", "data.train_split", "sharding")
+
+    def outputs(self) -> list[Path]:
+        return [layout.bbox_model(self.recipe)]
+
+
+class Detect(RecipeTask):
+    module = "detect"
+
+    def requires(self) -> list[luigi.Task]:
+        return self.feature_shards(config().data.test_split) + [Svm(recipe=self.recipe), Bbox(recipe=self.recipe)]
+
+    def params(self) -> dict[str, Any]:
+        return keys("detect.scorer", "detect.box_regression", "detect.nms_iou", "detect.max_per_class",
+                    "detect.score_threshold", "data.test_split", "sharding")
+
+    def outputs(self) -> list[Path]:
+        out = layout.detections_file(self.recipe)
+        return [out, layout.timing_file(out), layout.coco_detections(self.recipe)]
+
+
+class Evaluate(RecipeTask):
+    module = "evaluate"
+
+    def requires(self) -> list[luigi.Task]:
+        return [Index(), Detect(recipe=self.recipe)]
+
+    def params(self) -> dict[str, Any]:
+        return keys("evaluate", "data.test_split")
+
+    def outputs(self) -> list[Path]:
+        return [layout.map_metrics(self.recipe), layout.pr_curve(self.recipe), layout.figures_dir(self.recipe)]
 
 
 class RunAll(luigi.WrapperTask):
-    """Every stage of the pipeline."""
+    """Every stage of the pipeline: the proposal recall report and the evaluation of each recipe."""
 
     def requires(self) -> list[luigi.Task]:
-        return [Recall(), Finetune()]
+        return [Recall()] + [Evaluate(recipe=r) for r in config().detect.recipes]
 
 
 def folder_fingerprint(root: Path) -> str:

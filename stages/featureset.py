@@ -22,21 +22,19 @@ own chunks. Attributes: ``classes`` (JSON), ``split``, ``shard_index``,
 ``num_shards``, ``recipe`` and the provenance (``params``, ``code_version``,
 ``inputs``).
 
-The ``rcnn`` recipe keeps every dataset in ``features/rcnn/<split>/``. The
-``sppnet`` recipe's pool feature is the pyramid of ``spp/<split>/`` and the rest
-is in ``features/sppnet/<split>/`` (the re-cached fc layers), so the largest
-array is never stored twice; :class:`FeatureSet` presents both as one.
+Each recipe's cache is one self-contained folder, ``features/<recipe>/<split>/``,
+so every post-hoc stage depends on exactly one folder per split. For
+``sppnet`` that folder is written by the re-caching stage: its ``pool`` is a copy
+of the pyramid of ``spp/<split>/`` and its ``fc`` and ``scores`` come from the
+fine-tuned fully connected layers.
 """
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from stages.boxes import as_boxes, box_iou
-from stages.layout import features_dir, spp_dir
-from stages.store import ArtifactError, PerImageReader, RowSpec
+from stages.layout import features_dir
+from stages.store import ArtifactError, PerImageReader, RowSpec, shard_path
 
 CHUNK_ROWS = 64  # rows per compressed chunk: one image's read touches only a few chunks
 RECIPES = ("rcnn", "sppnet")
@@ -82,61 +80,21 @@ def image_regions(
     return {"boxes": boxes, "gt_label": label, "iou": class_iou(boxes, gt_boxes, gt_labels, num_classes)}
 
 
-class FeatureSet:
-    """All shards of one recipe's feature cache of one split, read image by image.
-
-    ``rows(name, i)`` reads dataset ``name`` of image number ``i``: only that
-    image's rows, from whichever folder holds ``name``.
-    """
+class FeatureSet(PerImageReader):
+    """All shards of one recipe's feature cache of one split, read image by image (only that image's chunks)."""
 
     def __init__(self, recipe: str, split: str, num_shards: int) -> None:
         if recipe not in RECIPES:
             raise ArtifactError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         self.recipe = recipe
-        self.main = PerImageReader.sharded(features_dir(recipe, split), num_shards)
-        self.pool_reader = self.main
-        if recipe == "sppnet":
-            self.pool_reader = PerImageReader.sharded(spp_dir(split), num_shards)
-            self.pool_reader.require_images_of(self.main)
-
-    @property
-    def image_ids(self) -> list[str]:
-        return self.main.image_ids
+        folder = features_dir(recipe, split)
+        super().__init__([shard_path(folder, k) for k in range(num_shards)])
+        self.check_shards(num_shards)
 
     @property
     def classes(self) -> list[str]:
-        return [str(c) for c in self.main.json_attr("classes")]
-
-    def __len__(self) -> int:
-        return len(self.main)
-
-    def _reader(self, name: str) -> PerImageReader:
-        return self.pool_reader if name == "pool" else self.main
-
-    def rows(self, name: str, i: int) -> np.ndarray:
-        return self._reader(name).rows(name, i)
-
-    def value(self, name: str, i: int) -> Any:
-        return self.main.value(name, i)
+        return [str(c) for c in self.json_attr("classes")]
 
     def dim(self, name: str) -> int:
         """Number of columns of feature dataset ``name``."""
-        return int(self._reader(name)._files[0][name].shape[1])
-
-    def counts(self) -> np.ndarray:
-        return self.main.counts()
-
-    def paths(self) -> list[Path]:
-        """Every file read, for provenance digests."""
-        return self.main.paths + (self.pool_reader.paths if self.pool_reader is not self.main else [])
-
-    def close(self) -> None:
-        self.main.close()
-        if self.pool_reader is not self.main:
-            self.pool_reader.close()
-
-    def __enter__(self) -> "FeatureSet":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return int(self._files[0][name].shape[1])

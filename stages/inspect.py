@@ -2,8 +2,10 @@
 
 HDF5 files: every dataset with shape, dtype, compression and stored size, the
 attributes (parameters, provenance) and, for per-image artifacts, the number of
-images and rows per image. Folders: their files, and the sharded datasets in
-them as one. JSON and CSV files: their content.
+images and rows per image; feature caches also get bytes per region against
+float32 uncompressed. Model files (``.pt``): their metadata and tensor shapes.
+Folders: their files, and the sharded datasets in them as one. JSON and CSV
+files: their content.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def describe(path: Path) -> str:
         return _describe_dir(path)
     if h5py.is_hdf5(path):
         return _describe_h5(path)
+    if path.suffix == ".pt":
+        return _describe_model(path)
     text = path.read_text(errors="replace")
     if path.suffix == ".json":
         try:
@@ -45,7 +49,8 @@ def _describe_dir(path: Path) -> str:
     if shards:
         with PerImageReader(shards) as reader:
             lines.append(f"as one dataset over {len(shards)} shard(s): " + _per_image_summary(reader))
-    return "\n".join(lines)
+            lines.append(_feature_summary(reader))
+    return "\n".join(line for line in lines if line)
 
 
 def _describe_h5(path: Path) -> str:
@@ -59,7 +64,36 @@ def _describe_h5(path: Path) -> str:
     if per_image:
         with PerImageReader([path]) as reader:
             lines.append("per image: " + _per_image_summary(reader))
+            lines.append(_feature_summary(reader))
+    return "\n".join(line for line in lines if line)
+
+
+def _describe_model(path: Path) -> str:
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
+        raise PipelineError(f"{path}: not a model file of this pipeline ({exc})") from None
+    state = saved.pop("state_dict", {}) if isinstance(saved, dict) else {}
+    lines = [f"{path}: model file, {_size(path.stat().st_size)}"]
+    lines += [f"  {key} = {_short(json.dumps(value, sort_keys=True, default=str))}" for key, value in sorted(saved.items())]
+    lines.append(f"state_dict: {len(state)} tensors, {sum(t.numel() for t in state.values()):,} values")
+    lines += [f"  {key}  {tuple(t.shape)}  {t.dtype}" for key, t in list(state.items())[-4:]]
     return "\n".join(lines)
+
+
+def _feature_summary(reader: PerImageReader) -> str:
+    """Bytes per region of the feature datasets, stored vs float32 uncompressed."""
+    rows = int(reader.counts().sum())
+    names = [n for n in ("pool", "fc") if n in reader._files[0]]
+    if not rows or not names:
+        return ""
+    stored = sum(f[n].id.get_storage_size() for f in reader._files for n in names)
+    dims = {n: int(reader._files[0][n].shape[1]) for n in names}
+    float32 = 4 * sum(dims.values())
+    return (f"features {', '.join(f'{n} {d}-d' for n, d in dims.items())}: {stored / rows:.0f} bytes per region "
+            f"stored vs {float32} float32 uncompressed ({stored / rows / float32:.2f}x)")
 
 
 def _describe_dataset(name: str, dataset: h5py.Dataset) -> str:

@@ -56,9 +56,17 @@ def features_dir(recipe: str, split: str) -> Path:
     return FEATURES / recipe / split
 
 
+def features_shard(recipe: str, split: str, shard: int) -> Path:
+    return shard_path(features_dir(recipe, split), shard)
+
+
 def spp_dir(split: str) -> Path:
     """Shards of the SPP-net pyramids of the pre-trained conv layers (the sppnet recipe's pool features)."""
     return SPP / split
+
+
+def spp_shard(split: str, shard: int) -> Path:
+    return shard_path(spp_dir(split), shard)
 
 
 def svm_model(recipe: str) -> Path:

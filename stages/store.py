@@ -175,13 +175,17 @@ class PerImageReader:
     def sharded(cls, folder: str | Path, num_shards: int) -> "PerImageReader":
         """Open shards ``0..num_shards-1`` of ``folder``, checking they belong together."""
         reader = cls([shard_path(folder, k) for k in range(num_shards)])
-        for k, f in enumerate(reader._files):
+        reader.check_shards(num_shards)
+        return reader
+
+    def check_shards(self, num_shards: int) -> None:
+        """Raise :class:`ArtifactError` unless file ``k`` was written as shard ``k`` of ``num_shards``."""
+        for k, f in enumerate(self._files):
             if (int(f.attrs.get("shard_index", -1)), int(f.attrs.get("num_shards", -1))) != (k, num_shards):
                 raise ArtifactError(
-                    f"{reader.paths[k]}: written as shard {f.attrs.get('shard_index')} of "
+                    f"{self.paths[k]}: written as shard {f.attrs.get('shard_index')} of "
                     f"{f.attrs.get('num_shards')}, expected shard {k} of {num_shards} (stale artifact; rerun the stage)"
                 )
-        return reader
 
     def __len__(self) -> int:
         return len(self.image_ids)

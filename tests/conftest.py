@@ -20,6 +20,10 @@ TINY = {
     "synthetic": {"num_trainval": 6, "num_test": 4, "min_side": 96, "max_side": 160, "max_object_size": 64},
     "proposals": {"max_side": 160, "max_boxes": 300},
     "finetune": {"input_size": 64, "batch_size": 8, "iterations": 3, "lr_step": 2},
+    "features": {"batch_size": 16},
+    "sppnet": {"scales": [128], "max_side": 200, "hidden": 64, "batch_size": 32, "iterations": 5, "lr_step": 3},
+    "svm": {"norm_sample": 500, "retrain_every": 200},
+    "evaluate": {"gallery": 2},
     "runtime": {"num_workers": 2},
 }
 

@@ -17,14 +17,20 @@ from stages.provenance import code_files
 from conftest import REPO, tiny_params, write_params
 
 BIN = Path(sys.executable).parent
-PROPOSAL_STAGES = [f"proposals@{s}-{k}" for s in ("trainval", "test") for k in (0, 1)]
-COMMAND_MODULES = {
-    "synthetic": "synth",
-    "index": "index",
-    "proposals": "proposals",
-    "recall": "recall",
-    "finetune": "finetune",
-}
+SPLITS, SHARDS, RECIPES = ("trainval", "test"), (0, 1), ("rcnn", "sppnet")
+
+
+def per_shard(name: str) -> list[str]:
+    return [f"{name}@{s}-{k}" for s in SPLITS for k in SHARDS]
+
+
+def per_recipe(*names: str) -> list[str]:
+    return [f"{name}@{r}" for name in names for r in RECIPES]
+
+
+PROPOSAL_STAGES = per_shard("proposals")
+FEATURE_STAGES = [*per_shard("features"), *per_shard("spp_features"), "spp_finetune", *per_shard("spp_recache")]
+POSTHOC_STAGES = per_recipe("svm", "bbox", "detect", "evaluate")
 
 
 def dvc_stages() -> dict:
@@ -53,8 +59,11 @@ def luigi_tasks() -> list[pipeline.StageTask]:
 
 
 def dvc_name(task: pipeline.StageTask) -> str:
-    name = task.get_task_family().lower()
-    return f"{name}@{task.split}-{task.shard}" if isinstance(task, pipeline.Proposals) else name
+    """DVC names each stage after its command; matrix stages add their split and shard, or recipe."""
+    name = task.command()[0]
+    if isinstance(task, pipeline.ShardTask):
+        return f"{name}@{task.split}-{task.shard}"
+    return f"{name}@{task.recipe}" if isinstance(task, pipeline.RecipeTask) else name
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +84,23 @@ def test_dvc_and_luigi_have_the_same_stages(declared):
 
 
 def test_dvc_code_deps_are_exactly_the_stage_imports(declared):
-    stages, _ = declared
-    for name, stage in stages.items():
-        module = COMMAND_MODULES[stage["cmd"].split()[3]]
-        expected = {str(p.relative_to(REPO)) for p in code_files(module)}
-        assert {d for d in stage["deps"] if d.startswith("stages/")} == expected, name
+    stages, tasks = declared
+    for task in tasks:
+        stage = stages[dvc_name(task)]
+        expected = {str(p.relative_to(REPO)) for p in code_files(task.module)}
+        assert {d for d in stage["deps"] if d.startswith("stages/")} == expected, dvc_name(task)
 
 
-def test_dvc_params_and_outs_match_the_luigi_tasks(declared):
+def test_dvc_runs_the_luigi_command_with_the_same_params_and_outs(declared):
     stages, tasks = declared
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
         for task in tasks:
             stage = stages[dvc_name(task)]
+            assert stage["cmd"] == " ".join(["python -m stages", *task.command()]), dvc_name(task)
             assert stage["params"] == set(task.params()), dvc_name(task)
             assert stage["outs"] == {str(p) for p in task.outputs()}, dvc_name(task)
-            assert task.module == COMMAND_MODULES[stage["cmd"].split()[3]]
     finally:
         os.chdir(cwd)
 

@@ -1,0 +1,285 @@
+"""Stage ``bbox``: class-specific ridge box regressors on pool features (R-CNN step 5).
+
+Training samples of class ``c`` are the rows of the training split's feature
+cache (proposals and ground-truth rows alike, as in R-CNN) whose ``iou[:, c]``
+is above ``min_iou``. A sample's target is the ground-truth box of class ``c``
+in the same image (a row with ``gt_label == c``) that overlaps it most (ties:
+the first), encoded as R-CNN offsets ``tx, ty, tw, th``
+(:func:`stages.boxes.encode_boxes`) and standardised per class (mean and
+standard deviation, the latter floored at :data:`STD_FLOOR`; R-CNN whitens with
+the full covariance instead).
+
+Features: the cached ``pool`` rows, multiplied by one constant
+``feature_scale`` so that their mean L2 norm is :data:`TARGET_NORM`, the mean
+being estimated on :data:`NORM_SAMPLE` rows of the split drawn with the fixed
+seed :data:`NORM_SEED` (R-CNN scales the pool5 features of its regressors with
+the same constant as the SVM features, norm 20). The scale matters because
+``ridge_lambda`` is absolute.
+
+Each class gets one ridge regression for its four standardised targets,
+``sklearn.linear_model.Ridge(alpha=ridge_lambda)`` with an intercept, which
+scikit-learn leaves unregularised (R-CNN's ``rcnn_train_bbox_regressor`` appends a
+column of ones to the features, so its bias is penalised by lambda like every
+weight). Prediction: ``deltas = ((feature_scale * pool) @ W[c] + b[c]) *
+target_std[c] + target_mean[c]``, decoded onto the proposal
+(:func:`stages.boxes.decode_boxes`). A class without samples is left
+untrained and returns its boxes unchanged.
+
+Memory: one pass over the images reads each image's rows; only the selected
+training rows (each once, in the cached dtype) and the norm sample's norms are
+kept.
+
+Output: one HDF5 file with datasets ``weights (C, Dp, 4) float32``,
+``biases (C, 4)``, ``target_mean (C, 4)``, ``target_std (C, 4)`` float32,
+``trained (C,) bool``; attributes ``feature_scale``, ``classes`` (JSON),
+``recipe``, ``params``, ``code_version``, ``inputs`` (digests of the feature
+shards) and ``stats`` (JSON, per class: ``samples``, ``proposals`` and the mean
+IoU of the proposal samples with their targets before and after regression,
+``null`` without proposal samples). Read it back with :func:`load_bbox`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+from sklearn.linear_model import Ridge
+from tqdm import tqdm
+
+from stages.atomic import atomic_path
+from stages.boxes import as_boxes, box_area, box_iou, decode_boxes, encode_boxes
+from stages.config import BboxParams, as_dict
+from stages.featureset import FeatureSet
+from stages.provenance import code_version, file_digest
+from stages.store import ArtifactError
+
+TARGET_NORM = 20.0  # mean L2 norm of the scaled pool features (R-CNN: 20)
+NORM_SAMPLE = 10000  # rows sampled to estimate the mean norm
+NORM_SEED = 0  # seed of that sample
+STD_FLOOR = 1e-6  # smallest target standard deviation
+
+
+@dataclass
+class BoxRegressor:
+    """Per-class linear regressors from scaled pool features to standardised box offsets.
+
+    ``weights (C, Dp, 4)``, ``biases (C, 4)``, ``target_mean (C, 4)``,
+    ``target_std (C, 4)`` float32; ``trained (C,)`` bool.
+    """
+
+    weights: np.ndarray
+    biases: np.ndarray
+    target_mean: np.ndarray
+    target_std: np.ndarray
+    feature_scale: float
+    classes: list[str]
+    trained: np.ndarray
+
+    def deltas(self, class_index: int, pool: np.ndarray) -> np.ndarray:
+        """``(M, Dp)`` pool features -> ``(M, 4)`` float32 predicted offsets ``tx, ty, tw, th`` of class ``class_index``."""
+        c = class_index
+        standardised = (np.asarray(pool, np.float32) * np.float32(self.feature_scale)) @ self.weights[c] + self.biases[c]
+        return standardised * self.target_std[c] + self.target_mean[c]
+
+    def predict(self, class_index: int, pool: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``(M, Dp)`` pool features, ``(M, 4)`` boxes -> ``(M, 4)`` float32 regressed boxes (not clipped)."""
+        boxes = as_boxes(boxes)
+        if not self.trained[class_index] or len(boxes) == 0:
+            return boxes.copy()
+        return decode_boxes(boxes, self.deltas(class_index, pool))
+
+    def save(self, path: Path, attrs: Mapping[str, Any]) -> None:
+        """Write the model atomically; ``attrs`` (provenance, stats) become root attributes, JSON if not scalar."""
+        with atomic_path(path, ".h5") as tmp:
+            with h5py.File(tmp, "w") as f:
+                for name in ("weights", "biases", "target_mean", "target_std"):
+                    f.create_dataset(name, data=np.asarray(getattr(self, name), np.float32))
+                f.create_dataset("trained", data=np.asarray(self.trained, bool))
+                f.attrs["feature_scale"] = float(self.feature_scale)
+                f.attrs["classes"] = json.dumps(list(self.classes))
+                for key, value in attrs.items():
+                    f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value, sort_keys=True)
+
+
+def load_bbox(path: str | Path) -> BoxRegressor:
+    """The :class:`BoxRegressor` written by :func:`run`; :class:`ArtifactError` if missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: box-regressor file not found (run the bbox stage first)")
+    try:
+        with h5py.File(path, "r") as f:
+            model = BoxRegressor(
+                weights=f["weights"][:], biases=f["biases"][:], target_mean=f["target_mean"][:],
+                target_std=f["target_std"][:], feature_scale=float(f.attrs["feature_scale"]),
+                classes=[str(c) for c in json.loads(f.attrs["classes"])], trained=f["trained"][:],
+            )
+    except (OSError, KeyError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a box-regressor file of this pipeline ({exc})") from None
+    return model
+
+
+# --- training samples ----------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """The selected training rows of a split, each row once, and which class uses which row.
+
+    ``pool (N, Dp)`` in the cached dtype, ``boxes (N, 4)``, ``is_gt (N,)``;
+    per class ``rows[c]`` indices into them and ``targets[c] (N_c, 4)`` ground-truth boxes.
+    """
+
+    pool: np.ndarray
+    boxes: np.ndarray
+    is_gt: np.ndarray
+    rows: list[np.ndarray]
+    targets: list[np.ndarray]
+    mean_norm: float
+
+
+def norm_sample_rows(total: int) -> np.ndarray:
+    """Sorted global row numbers (out of ``total``) whose pool norms estimate the mean norm."""
+    rng = np.random.default_rng(NORM_SEED)
+    return np.sort(rng.choice(total, size=min(total, NORM_SAMPLE), replace=False))
+
+
+def image_targets(
+    boxes: np.ndarray, labels: np.ndarray, iou: np.ndarray, min_iou: float, where: str
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """One image's selected rows and, per class with samples, ``(c, positions among them, target boxes)``.
+
+    ``boxes (M, 4)``, ``labels (M,)`` gt_label, ``iou (M, C)``; a row is selected
+    for class ``c`` if ``iou[:, c] > min_iou``; its target is the class-``c``
+    ground-truth row overlapping it most.
+    """
+    selected = iou > min_iou
+    chosen = np.flatnonzero(selected.any(axis=1))
+    per_class = []
+    for c in np.flatnonzero(selected.any(axis=0)):
+        positions = np.flatnonzero(selected[chosen, c])
+        gt = boxes[labels == c]
+        if len(gt) == 0:
+            raise ArtifactError(
+                f"{where}: boxes overlap class {c} by more than {min_iou} but the image has no ground-truth rows "
+                "of it (box regressors train on the training split's cache, which carries ground-truth rows)"
+            )
+        best = box_iou(boxes[chosen[positions]], gt).argmax(axis=1)
+        per_class.append((int(c), positions, gt[best]))
+    return chosen, per_class
+
+
+def collect_samples(features: FeatureSet, min_iou: float) -> Samples:
+    """Read the split once, keeping the training rows of every class and the norm sample's norms."""
+    num_classes = len(features.classes)
+    offsets = np.concatenate([[0], np.cumsum(features.counts())])
+    picks = norm_sample_rows(int(offsets[-1]))
+    pools, boxes_kept, is_gt, norms = [], [], [], []
+    rows: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    targets: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    count = 0
+    for i in tqdm(range(len(features)), desc="bbox samples", unit="image"):
+        boxes, labels = as_boxes(features.rows("boxes", i)), features.rows("gt_label", i)
+        where = f"{features.paths[0].parent} image {features.image_ids[i]}"
+        chosen, per_class = image_targets(boxes, labels, features.rows("iou", i), min_iou, where)
+        sampled = picks[np.searchsorted(picks, offsets[i]):np.searchsorted(picks, offsets[i + 1])] - offsets[i]
+        if len(chosen) == 0 and len(sampled) == 0:
+            continue
+        pool = features.rows("pool", i)
+        norms.append(np.linalg.norm(pool[sampled].astype(np.float64), axis=1))
+        pools.append(pool[chosen])
+        boxes_kept.append(boxes[chosen])
+        is_gt.append(labels[chosen] >= 0)
+        for c, positions, gt in per_class:
+            rows[c].append(count + positions)
+            targets[c].append(gt)
+        count += len(chosen)
+    norms_all = np.concatenate(norms) if norms else np.zeros(0)
+    dim = features.dim("pool")
+    return Samples(
+        pool=np.concatenate(pools) if pools else np.zeros((0, dim), np.float32),
+        boxes=np.concatenate(boxes_kept) if boxes_kept else np.zeros((0, 4), np.float32),
+        is_gt=np.concatenate(is_gt) if is_gt else np.zeros(0, bool),
+        rows=[np.concatenate(r) if r else np.zeros(0, np.int64) for r in rows],
+        targets=[np.concatenate(t) if t else np.zeros((0, 4), np.float32) for t in targets],
+        mean_norm=float(norms_all.mean()) if len(norms_all) else 0.0,
+    )
+
+
+# --- fitting -------------------------------------------------------------------------------------
+
+
+def fit_class(x: np.ndarray, deltas: np.ndarray, ridge_lambda: float) -> tuple[np.ndarray, ...]:
+    """``(N, Dp)`` scaled features, ``(N, 4)`` offsets -> weights ``(Dp, 4)``, bias, target mean, target std ``(4,)``."""
+    mean = deltas.mean(axis=0, dtype=np.float64)
+    std = np.maximum(deltas.std(axis=0, dtype=np.float64), STD_FLOOR)
+    ridge = Ridge(alpha=ridge_lambda, fit_intercept=True).fit(x, (deltas - mean) / std)
+    return ridge.coef_.T, ridge.intercept_, mean, std
+
+
+def paired_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    """``(N, 4)``, ``(N, 4)`` -> ``(N,)`` IoU of each box with its partner (0 for two empty boxes)."""
+    top_left = np.maximum(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = np.minimum(boxes1[:, 2:], boxes2[:, 2:])
+    intersection = np.clip(bottom_right - top_left, 0, None).prod(axis=1)
+    union = box_area(boxes1) + box_area(boxes2) - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1e-12), 0.0)
+
+
+def class_stats(model: BoxRegressor, c: int, samples: Samples, pool: np.ndarray) -> dict[str, Any]:
+    """Sample counts and the proposal samples' mean IoU with their targets before and after regression.
+
+    ``pool (N_c, Dp)``: the unscaled pool features of class ``c``'s samples.
+    """
+    rows, targets = samples.rows[c], samples.targets[c]
+    proposals = ~samples.is_gt[rows]
+    boxes = samples.boxes[rows][proposals]
+    stats: dict[str, Any] = {"samples": int(len(rows)), "proposals": int(proposals.sum()), "iou_before": None, "iou_after": None}
+    if len(boxes):
+        after = model.predict(c, pool[proposals], boxes)
+        stats["iou_before"] = round(float(paired_iou(boxes, targets[proposals]).mean()), 6)
+        stats["iou_after"] = round(float(paired_iou(after, targets[proposals]).mean()), 6)
+    return stats
+
+
+def train(samples: Samples, classes: list[str], ridge_lambda: float) -> tuple[BoxRegressor, list[dict[str, Any]]]:
+    """Fit every class with samples; return the model and per-class :func:`class_stats`."""
+    num_classes, dim = len(classes), samples.pool.shape[1]
+    scale = TARGET_NORM / samples.mean_norm if samples.mean_norm > 0 else 1.0
+    model = BoxRegressor(
+        weights=np.zeros((num_classes, dim, 4), np.float32), biases=np.zeros((num_classes, 4), np.float32),
+        target_mean=np.zeros((num_classes, 4), np.float32), target_std=np.ones((num_classes, 4), np.float32),
+        feature_scale=float(scale), classes=list(classes), trained=np.zeros(num_classes, bool),
+    )
+    stats = []
+    for c in tqdm(range(num_classes), desc="bbox ridge", unit="class"):
+        rows = samples.rows[c]
+        pool = samples.pool[rows]
+        if len(rows):
+            deltas = encode_boxes(samples.boxes[rows], samples.targets[c])
+            x = pool.astype(np.float32) * np.float32(scale)
+            model.weights[c], model.biases[c], model.target_mean[c], model.target_std[c] = fit_class(x, deltas, ridge_lambda)
+            model.trained[c] = True
+        stats.append(class_stats(model, c, samples, pool))
+    return model, stats
+
+
+def run(params: BboxParams, recipe: str, train_split: str, num_shards: int, out_path: Path) -> None:
+    """Train the box regressors of ``recipe`` on the feature cache of ``train_split``; write them to ``out_path``."""
+    with FeatureSet(recipe, train_split, num_shards) as features:
+        classes = features.classes
+        samples = collect_samples(features, params.min_iou)
+        inputs = {str(p): file_digest(p) for p in features.paths}
+    model, stats = train(samples, classes, params.ridge_lambda)
+    for name, s in zip(classes, stats):
+        change = f"mean IoU {s['iou_before']:.3f} -> {s['iou_after']:.3f}" if s["proposals"] else "no proposal samples"
+        print(f"bbox {recipe} {name}: {s['samples']} samples ({s['proposals']} proposals), {change}", flush=True)
+    model.save(out_path, {
+        "recipe": recipe,
+        "params": {"bbox": as_dict(params)},
+        "code_version": code_version("bbox"),
+        "inputs": inputs,
+        "stats": dict(zip(classes, stats)),
+    })
