@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run luigi test bench clean
+.PHONY: install run luigi test bench ablation clean
 
 install: $(STAMP)
 
@@ -32,3 +32,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf features_cache/* .luigi
+
+ablation: $(STAMP)
+	$(BIN)/python -m bench.ablation

@@ -123,7 +123,8 @@ def _inspect(cfg: Config | None, args: argparse.Namespace) -> None:
 def _show(cfg: Config, args: argparse.Namespace) -> None:
     from stages import show
 
-    out = show.run(cfg.data.splits, cfg.sharding.num_shards, args.image, args.out, args.proposals)
+    out = show.run(cfg.data.splits, cfg.sharding.num_shards, args.image, args.out, args.proposals, args.recipe,
+                   cfg.evaluate.gallery_score if args.min_score is None else args.min_score)
     print(f"wrote {out}")
 
 
@@ -171,6 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="image id")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: features_cache/show/<id>.png)")
     p.add_argument("--proposals", type=int, default=50, help="how many top-ranked proposals to draw")
+    p.add_argument("--recipe", choices=("rcnn", "sppnet"), help="draw this recipe's detections instead of proposals")
+    p.add_argument("--min-score", type=float, help="with --recipe: lowest score drawn (default: evaluate.gallery_score)")
     p.set_defaults(func=_show)
     return parser
 

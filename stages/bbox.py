@@ -31,11 +31,12 @@ kept.
 
 Output: one HDF5 file with datasets ``weights (C, Dp, 4) float32``,
 ``biases (C, 4)``, ``target_mean (C, 4)``, ``target_std (C, 4)`` float32,
-``trained (C,) bool``; attributes ``feature_scale``, ``classes`` (JSON),
-``recipe``, ``params``, ``code_version``, ``inputs`` (digests of the feature
-shards) and ``stats`` (JSON, per class: ``samples``, ``proposals`` and the mean
-IoU of the proposal samples with their targets before and after regression,
-``null`` without proposal samples). Read it back with :func:`load_bbox`.
+``trained (C,) bool``; attributes ``format_version``, ``stage`` (``bbox``),
+``feature_scale``, ``classes`` (JSON), ``recipe``, ``params``,
+``code_version``, ``inputs`` (digests of the feature shards) and ``stats``
+(JSON, per class: ``samples``, ``proposals`` and the mean IoU of the proposal
+samples with their targets before and after regression, ``null`` without
+proposal samples). Read it back with :func:`load_bbox`.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from stages.boxes import as_boxes, box_area, box_iou, decode_boxes, encode_boxes
 from stages.config import BboxParams, as_dict
 from stages.featureset import FeatureSet
 from stages.provenance import code_version, file_digest
-from stages.store import ArtifactError
+from stages.store import FORMAT_VERSION, ArtifactError
 
 TARGET_NORM = 20.0  # mean L2 norm of the scaled pool features (R-CNN: 20)
 NORM_SAMPLE = 10000  # rows sampled to estimate the mean norm
@@ -79,10 +80,10 @@ class BoxRegressor:
     trained: np.ndarray
 
     def deltas(self, class_index: int, pool: np.ndarray) -> np.ndarray:
-        """``(M, Dp)`` pool features -> ``(M, 4)`` float32 predicted offsets ``tx, ty, tw, th`` of class ``class_index``."""
+        """``(M, Dp)`` pool features -> ``(M, 4)`` float32 offsets ``tx, ty, tw, th`` predicted for ``class_index``."""
         c = class_index
-        standardised = (np.asarray(pool, np.float32) * np.float32(self.feature_scale)) @ self.weights[c] + self.biases[c]
-        return standardised * self.target_std[c] + self.target_mean[c]
+        x = np.asarray(pool, np.float32) * np.float32(self.feature_scale)
+        return (x @ self.weights[c] + self.biases[c]) * self.target_std[c] + self.target_mean[c]
 
     def predict(self, class_index: int, pool: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """``(M, Dp)`` pool features, ``(M, 4)`` boxes -> ``(M, 4)`` float32 regressed boxes (not clipped)."""
@@ -98,6 +99,8 @@ class BoxRegressor:
                 for name in ("weights", "biases", "target_mean", "target_std"):
                     f.create_dataset(name, data=np.asarray(getattr(self, name), np.float32))
                 f.create_dataset("trained", data=np.asarray(self.trained, bool))
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["stage"] = "bbox"
                 f.attrs["feature_scale"] = float(self.feature_scale)
                 f.attrs["classes"] = json.dumps(list(self.classes))
                 for key, value in attrs.items():
@@ -111,6 +114,8 @@ def load_bbox(path: str | Path) -> BoxRegressor:
         raise ArtifactError(f"{path}: box-regressor file not found (run the bbox stage first)")
     try:
         with h5py.File(path, "r") as f:
+            if f.attrs.get("stage") != "bbox":
+                raise KeyError("attribute stage is not 'bbox'")
             model = BoxRegressor(
                 weights=f["weights"][:], biases=f["biases"][:], target_mean=f["target_mean"][:],
                 target_std=f["target_std"][:], feature_scale=float(f.attrs["feature_scale"]),
@@ -129,7 +134,8 @@ class Samples:
     """The selected training rows of a split, each row once, and which class uses which row.
 
     ``pool (N, Dp)`` in the cached dtype, ``boxes (N, 4)``, ``is_gt (N,)``;
-    per class ``rows[c]`` indices into them and ``targets[c] (N_c, 4)`` ground-truth boxes.
+    per class ``rows[c]`` indices into them and ``targets[c] (N_c, 4)`` ground-truth boxes;
+    ``mean_norm`` the mean L2 norm of the sampled rows' pool features (0 without rows).
     """
 
     pool: np.ndarray
@@ -212,7 +218,7 @@ def collect_samples(features: FeatureSet, min_iou: float) -> Samples:
 
 
 def fit_class(x: np.ndarray, deltas: np.ndarray, ridge_lambda: float) -> tuple[np.ndarray, ...]:
-    """``(N, Dp)`` scaled features, ``(N, 4)`` offsets -> weights ``(Dp, 4)``, bias, target mean, target std ``(4,)``."""
+    """``(N, Dp)`` scaled features, ``(N, 4)`` offsets -> weights ``(Dp, 4)``, bias, target mean and std ``(4,)``."""
     mean = deltas.mean(axis=0, dtype=np.float64)
     std = np.maximum(deltas.std(axis=0, dtype=np.float64), STD_FLOOR)
     ridge = Ridge(alpha=ridge_lambda, fit_intercept=True).fit(x, (deltas - mean) / std)
@@ -236,7 +242,8 @@ def class_stats(model: BoxRegressor, c: int, samples: Samples, pool: np.ndarray)
     rows, targets = samples.rows[c], samples.targets[c]
     proposals = ~samples.is_gt[rows]
     boxes = samples.boxes[rows][proposals]
-    stats: dict[str, Any] = {"samples": int(len(rows)), "proposals": int(proposals.sum()), "iou_before": None, "iou_after": None}
+    stats: dict[str, Any] = {"samples": int(len(rows)), "proposals": int(proposals.sum()),
+                             "iou_before": None, "iou_after": None}
     if len(boxes):
         after = model.predict(c, pool[proposals], boxes)
         stats["iou_before"] = round(float(paired_iou(boxes, targets[proposals]).mean()), 6)
@@ -260,7 +267,8 @@ def train(samples: Samples, classes: list[str], ridge_lambda: float) -> tuple[Bo
         if len(rows):
             deltas = encode_boxes(samples.boxes[rows], samples.targets[c])
             x = pool.astype(np.float32) * np.float32(scale)
-            model.weights[c], model.biases[c], model.target_mean[c], model.target_std[c] = fit_class(x, deltas, ridge_lambda)
+            fitted = fit_class(x, deltas, ridge_lambda)
+            model.weights[c], model.biases[c], model.target_mean[c], model.target_std[c] = fitted
             model.trained[c] = True
         stats.append(class_stats(model, c, samples, pool))
     return model, stats

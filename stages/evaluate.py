@@ -55,14 +55,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from cycler import cycler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from stages.atomic import atomic_dir, write_text  # noqa: E402
 from stages.boxes import box_iou  # noqa: E402
 from stages.config import EvaluateParams  # noqa: E402
+from stages.drawing import draw_detections, draw_ground_truth, image_axes, save  # noqa: E402
 from stages.images import load_image  # noqa: E402
 from stages.layout import index_file  # noqa: E402
-from stages.show import _draw  # noqa: E402
 from stages.store import ArtifactError, PerImageReader  # noqa: E402
 
 TP, FP, IGNORED = 1, 0, -1  # outcome of one detection
@@ -167,8 +168,7 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07: bool) -> float:
         return float(interpolated_precision(recall, precision, VOC07_POINTS).mean())
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.maximum.accumulate(np.concatenate([[0.0], precision, [0.0]])[::-1])[::-1]
-    steps = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
-    return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
+    return float(np.sum(np.diff(mrec) * mpre[1:]))  # the devkit sums over recall changes only: same value
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -181,7 +181,9 @@ def _rounded(value: float | None) -> float | None:
 def summarize(curves: Sequence[Curve], classes: Sequence[str], recipe: str) -> dict:
     """The metrics JSON as a dict (see the module docstring); AP ``None`` for classes without positives."""
     ap = {
-        name: {cls: voc_ap(c.recall, c.precision, use_07) if c.num_positives else None for cls, c in zip(classes, curves)}
+        name: {
+            cls: voc_ap(c.recall, c.precision, use_07) if c.num_positives else None for cls, c in zip(classes, curves)
+        }
         for name, use_07 in (("voc07", True), ("voc2010", False))
     }
     means = {name: [v for v in values.values() if v is not None] for name, values in ap.items()}
@@ -211,10 +213,11 @@ def ap_table(metrics: dict) -> str:
     def fmt(value: float | None) -> str:
         return "   n/a" if value is None else f"{value:6.4f}"
 
-    lines = [f"{'class':<{width}}  VOC07  VOC2010  positives"]
+    lines = [f"{'class':<{width}}  {'VOC07':>6}  {'VOC2010':>7}  {'positives':>9}"]
     for cls, positives in metrics["num_positives"].items():
-        lines.append(f"{cls:<{width}}  {fmt(metrics['AP_voc07'][cls])}   {fmt(metrics['AP_voc2010'][cls])}  {positives:9d}")
-    lines.append(f"{'mAP':<{width}}  {fmt(metrics['mAP_voc07'])}   {fmt(metrics['mAP_voc2010'])}")
+        ap07, ap2010 = metrics["AP_voc07"][cls], metrics["AP_voc2010"][cls]
+        lines.append(f"{cls:<{width}}  {fmt(ap07):>6}  {fmt(ap2010):>7}  {positives:9d}")
+    lines.append(f"{'mAP':<{width}}  {fmt(metrics['mAP_voc07']):>6}  {fmt(metrics['mAP_voc2010']):>7}")
     return "\n".join(lines)
 
 
@@ -224,6 +227,7 @@ def ap_table(metrics: dict) -> str:
 def plot_pr(curves: Sequence[Curve], classes: Sequence[str], metrics: dict, path: Path) -> None:
     """Every class with positives: precision against recall, its APs in the legend."""
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    ax.set_prop_cycle(cycler(linestyle=["-", "--"]) * cycler(color=plt.cm.tab10.colors))  # 20 distinct curves
     for cls, curve in zip(classes, curves):
         if curve.num_positives:
             label = f"{cls}: AP {metrics['AP_voc2010'][cls]:.3f} (VOC07 {metrics['AP_voc07'][cls]:.3f})"
@@ -236,28 +240,12 @@ def plot_pr(curves: Sequence[Curve], classes: Sequence[str], metrics: dict, path
     plt.close(fig)
 
 
-def _image_axes(image: np.ndarray) -> tuple[plt.Figure, plt.Axes]:
-    """A figure showing ``image`` in continuous pixel coordinates; small images are enlarged."""
-    height, width = image.shape[:2]
-    scale = max(1.0, 8 / (max(height, width) / 100))  # keeps the labels readable
-    fig, ax = plt.subplots(figsize=(width / 100 * scale, height / 100 * scale), dpi=100)
-    ax.imshow(image, extent=(0, width, height, 0))
-    ax.axis("off")
-    return fig, ax
-
-
 def draw_image(image: np.ndarray, result: ImageResult, classes: Sequence[str], title: str, path: Path) -> None:
     """Ground truth in green (difficult dashed, name above), detections in red (name and score below)."""
-    fig, ax = _image_axes(image)
-    for box, label, hard in zip(result.gt_boxes, result.gt_labels, result.gt_difficult):
-        _draw(ax, box, "lime", linewidth=1.8, linestyle="--" if hard else "-")
-        ax.text(box[0], box[1], classes[label], color="black", fontsize=7, backgroundcolor="lime", va="bottom")
-    for box, score, label in zip(result.boxes, result.scores, result.labels):
-        _draw(ax, box, "red", linewidth=1.2)
-        ax.text(box[0], box[3], f"{classes[label]} {score:.2f}", color="white", fontsize=7, backgroundcolor="red", va="top")
-    ax.set_title(title, fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    fig, ax = image_axes(image)
+    draw_ground_truth(ax, result.gt_boxes, result.gt_labels, result.gt_difficult, classes)
+    draw_detections(ax, result.boxes, result.scores, result.labels, classes)
+    save(fig, path, title)
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -266,7 +254,7 @@ def draw_image(image: np.ndarray, result: ImageResult, classes: Sequence[str], t
 def _check_detections(detections: PerImageReader, index: PerImageReader, recipe: str, split: str) -> None:
     """Raise :class:`ArtifactError` unless the detections are this recipe's, on the index's images and classes."""
     path = detections.paths[0]
-    missing = sorted(set(DETECTION_ROWS) - set(detections.json_attr("row_datasets")))
+    missing = sorted(set(DETECTION_ROWS) - set(json.loads(detections.attrs.get("row_datasets", "[]"))))
     if missing:
         raise ArtifactError(f"{path}: no {missing} datasets; not a detections file (rerun the detect stage)")
     for name, expected in (("recipe", recipe), ("split", split)):
@@ -306,7 +294,10 @@ def _gallery(index: PerImageReader, detections: PerImageReader, params: Evaluate
         shown = result.scores >= params.gallery_score
         result = result._replace(boxes=result.boxes[shown], scores=result.scores[shown], labels=result.labels[shown])
         image = load_image(Path(index.attrs["data_root"]) / index.value("paths", i))
-        title = f"{index.image_ids[i]}: {len(result.gt_boxes)} ground truth, {shown.sum()} detections scoring >= {params.gallery_score}"
+        title = (
+            f"{index.image_ids[i]}: {len(result.gt_boxes)} ground-truth boxes, "
+            f"{shown.sum()} detections scoring >= {params.gallery_score}"
+        )
         draw_image(image, result, classes, title, folder / f"{index.image_ids[i]}.png")
 
 

@@ -1,18 +1,13 @@
-"""``python -m stages show --image ID``: draw an image with its ground truth and proposals."""
+"""``python -m stages show --image ID``: draw an image with its ground truth and proposals or detections."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from stages.errors import PipelineError  # noqa: E402
-from stages.images import load_image  # noqa: E402
-from stages.layout import CACHE, index_file, proposals_dir  # noqa: E402
-from stages.store import PerImageReader  # noqa: E402
+from stages.drawing import draw_box, draw_detections, draw_ground_truth, image_axes, save
+from stages.errors import PipelineError
+from stages.images import load_image
+from stages.layout import CACHE, detections_file, index_file, proposals_dir
+from stages.store import PerImageReader
 
 
 def _find(splits: tuple[str, ...], image_id: str) -> tuple[str, PerImageReader, int]:
@@ -24,37 +19,42 @@ def _find(splits: tuple[str, ...], image_id: str) -> tuple[str, PerImageReader, 
     raise PipelineError(f"image {image_id!r} is in none of the splits {list(splits)} (run the index stage?)")
 
 
-def run(splits: tuple[str, ...], num_shards: int, image_id: str, out: Path | None, num_proposals: int) -> Path:
-    """Draw ``image_id``: ground truth in green (difficult dashed), its first proposals in yellow."""
+def run(splits: tuple[str, ...], num_shards: int, image_id: str, out: Path | None, num_proposals: int,
+        recipe: str | None = None, min_score: float = 0.0) -> Path:
+    """Draw ``image_id``: ground truth in green (difficult dashed), and either its first
+    ``num_proposals`` proposals in yellow or, with ``recipe``, that recipe's detections
+    scoring at least ``min_score`` in red."""
     split, index, i = _find(splits, image_id)
     with index:
         image = load_image(Path(index.attrs["data_root"]) / index.value("paths", i))
         classes = index.json_attr("classes")
         gt_boxes, gt_labels, difficult = (index.rows(n, i) for n in ("gt_boxes", "gt_labels", "gt_difficult"))
-    inches = max(image.shape[:2]) / 100
-    scale = max(1.0, 8 / inches)  # small images are enlarged so the labels stay readable
-    fig, ax = plt.subplots(figsize=(image.shape[1] / 100 * scale, image.shape[0] / 100 * scale), dpi=100)
-    ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))  # continuous pixel coordinates
+    fig, ax = image_axes(image)
     title = f"{image_id} ({split}): {len(gt_boxes)} ground-truth boxes"
-    if proposals_dir(split).is_dir():
+    if recipe is not None:
+        title += _draw_detections(ax, recipe, image_id, classes, min_score)
+    elif proposals_dir(split).is_dir():
         with PerImageReader.sharded(proposals_dir(split), num_shards) as proposals:
             boxes = proposals.rows("boxes", proposals.position(image_id))
         for box in boxes[:num_proposals]:
-            _draw(ax, box, "yellow", linewidth=0.6, alpha=0.7)
+            draw_box(ax, box, "yellow", linewidth=0.6, alpha=0.7)
         title += f", first {min(num_proposals, len(boxes))} of {len(boxes)} proposals"
-    for box, label, hard in zip(gt_boxes, gt_labels, difficult):
-        _draw(ax, box, "lime", linewidth=1.8, linestyle="--" if hard else "-")
-        ax.text(box[0], box[1], classes[label] + (" (difficult)" if hard else ""), color="black",
-                fontsize=7, backgroundcolor="lime", va="bottom")
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
+    draw_ground_truth(ax, gt_boxes, gt_labels, difficult, classes)
     out = out or CACHE / "show" / f"{image_id}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, out, title)
     return out
 
 
-def _draw(ax: plt.Axes, box, color: str, **style) -> None:
-    x1, y1, x2, y2 = box
-    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, **style))
+def _draw_detections(ax, recipe: str, image_id: str, classes: list[str], min_score: float) -> str:
+    path = detections_file(recipe)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no detections of recipe {recipe!r} (run the detect stage first)")
+    with PerImageReader([path]) as detections:
+        if image_id not in detections.image_ids:
+            raise PipelineError(f"image {image_id!r} is not in {path} (detections cover the test split)")
+        k = detections.position(image_id)
+        boxes, scores, labels = (detections.rows(n, k) for n in ("boxes", "scores", "labels"))
+    keep = scores >= min_score
+    draw_detections(ax, boxes[keep], scores[keep], labels[keep], classes)
+    return f", {int(keep.sum())} {recipe} detections scoring >= {min_score:g}"

@@ -9,6 +9,8 @@ from stages.boxes import (
     box_area,
     box_iou,
     clip_boxes,
+    decode_boxes,
+    encode_boxes,
     intersection_over_smaller,
     min_side,
     scale_boxes,
@@ -136,3 +138,45 @@ def test_intersection_over_smaller_by_hand():
     # inside: 4/min(100, 4) = 1; half overlap: 50/min(100, 100) = 0.5; disjoint: 0
     np.testing.assert_allclose(intersection_over_smaller(big, others), [[1.0, 0.5, 0.0]])
     assert intersection_over_smaller(big, np.zeros((0, 4), np.float32)).shape == (1, 0)
+
+
+def test_encode_boxes_by_hand():
+    # proposal centre (5, 10), size 10 x 20; target centre (12, 14), size 20 x 20
+    deltas = encode_boxes(np.array([[0, 0, 10, 20]], np.float32), np.array([[2, 4, 22, 24]], np.float32))
+    assert deltas.dtype == np.float32
+    np.testing.assert_allclose(deltas, [[0.7, 0.2, np.log(2), 0.0]], rtol=1e-6, atol=1e-7)
+
+
+def test_decode_boxes_by_hand():
+    boxes = decode_boxes(np.array([[0, 0, 10, 20], [4, 4, 8, 8]], np.float32),
+                         np.array([[0.7, 0.2, np.log(2), 0.0], [0, 0, 0, 0]], np.float32))
+    assert boxes.dtype == np.float32
+    np.testing.assert_allclose(boxes, [[2, 4, 22, 24], [4, 4, 8, 8]], rtol=1e-6, atol=1e-5)
+
+
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(0)
+
+    def random_boxes() -> np.ndarray:
+        corners = rng.uniform(0, 200, size=(50, 2))
+        return np.concatenate([corners, corners + rng.uniform(1, 100, size=(50, 2))], axis=1).astype(np.float32)
+
+    proposals, targets = random_boxes(), random_boxes()
+    np.testing.assert_allclose(decode_boxes(proposals, encode_boxes(proposals, targets)), targets, atol=1e-3)
+    assert encode_boxes(np.zeros((0, 4)), np.zeros((0, 4))).shape == (0, 4)
+    assert decode_boxes(np.zeros((0, 4)), np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_zero_size_boxes_stay_finite():
+    point = np.array([[5, 5, 5, 5]], np.float32)
+    box = np.array([[0, 0, 10, 10]], np.float32)
+    assert np.isfinite(encode_boxes(point, box)).all()  # sizes floored at 1e-6: log(10 / 1e-6), not log(inf)
+    assert np.isfinite(encode_boxes(box, point)).all()
+    np.testing.assert_allclose(decode_boxes(point, np.zeros((1, 4))), point, atol=1e-5)
+
+
+def test_decode_caps_the_size_deltas():
+    # tw, th capped at log(1000 / 16): a 16 x 16 box centred (8, 8) grows to at most 1000 x 1000
+    boxes = decode_boxes(np.array([[0, 0, 16, 16]], np.float32), np.array([[0, 0, 100, 100]], np.float32))
+    np.testing.assert_allclose(boxes, [[-492, -492, 508, 508]], rtol=1e-5)
+    assert np.isfinite(decode_boxes(np.array([[0, 0, 16, 16]], np.float32), np.array([[0, 0, 1e6, -1e6]]))).all()

@@ -141,9 +141,12 @@ def luigi_run(folder: Path) -> list[str]:
 
 
 def artifacts(folder: Path) -> dict[str, bytes]:
-    """Every HDF5 artifact, the model and its training curve, and the metrics without the timing figures."""
+    """Every HDF5 artifact, model, curve, detection and mAP file, and the recall metrics without timings."""
     found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / layout.CACHE).rglob("*.h5"))}
-    for path in (layout.FINETUNED_MODEL, layout.FINETUNE_CURVE):
+    outputs = [layout.FINETUNED_MODEL, layout.FINETUNE_CURVE, layout.SPP_HEAD, layout.SPP_FINETUNE_CURVE]
+    for recipe in RECIPES:
+        outputs += [layout.coco_detections(recipe), layout.map_metrics(recipe), layout.pr_curve(recipe)]
+    for path in outputs:
         found[str(path)] = (folder / path).read_bytes()
     metrics = json.loads((folder / layout.PROPOSAL_METRICS).read_text())
     for split in metrics.values():
@@ -159,16 +162,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     dvc_dir, luigi_dir = project_copy(root / "dvc", tiny_params()), project_copy(root / "luigi", tiny_params())
     sh(dvc_dir, "git", "init", "-q")
     sh(dvc_dir, "dvc", "init", "-q")
-    assert sorted(dvc_repro(dvc_dir)) == sorted(["synthetic", "index", "recall", "finetune", *PROPOSAL_STAGES])
-    assert luigi_run(luigi_dir) == ["Finetune", "Index", "Proposals", "Recall", "Synthetic"]
+    expected = ["synthetic", "index", "recall", "finetune", *PROPOSAL_STAGES, *FEATURE_STAGES, *POSTHOC_STAGES]
+    assert sorted(dvc_repro(dvc_dir)) == sorted(expected)
+    assert luigi_run(luigi_dir) == ["Bbox", "Detect", "Evaluate", "Features", "Finetune", "Index", "Proposals",
+                                    "Recall", "SppFeatures", "SppFinetune", "SppRecache", "Svm", "Synthetic"]
     return dvc_dir, luigi_dir
 
 
 def test_both_orchestrators_write_identical_artifacts(runs):
     dvc_dir, luigi_dir = runs
     dvc_artifacts, luigi_artifacts = artifacts(dvc_dir), artifacts(luigi_dir)
-    assert len(dvc_artifacts) == 2 + 4 + 2 + 1  # two index files, four proposal shards, model and curve, metrics
+    # 2 index files, 4 shards each of proposals, R-CNN features, SPP pyramids and SPP-net features,
+    # per recipe an SVM, a box regressor, detections (.h5 and .json), mAP and PR curve; 2 models, 2 curves, recall
+    assert len(dvc_artifacts) == 2 + 4 * 4 + 2 * 6 + 4 + 1
     assert dvc_artifacts == luigi_artifacts
+    for recipe in RECIPES:
+        mean_ap = json.loads((dvc_dir / layout.map_metrics(recipe)).read_text())
+        assert 0 <= mean_ap["mAP_voc07"] <= 1 and 0 <= mean_ap["mAP_voc2010"] <= 1
+        assert (dvc_dir / layout.figures_dir(recipe) / "pr.png").is_file()
     metrics = json.loads((dvc_dir / layout.PROPOSAL_METRICS).read_text())
     assert set(metrics) == {"trainval", "test"} and metrics["trainval"]["images"] == 6
     assert 0 < metrics["test"]["recall@0.7"] <= metrics["test"]["recall@0.5"] <= 1
@@ -184,11 +195,17 @@ def test_unchanged_rerun_does_nothing(runs):
 def test_a_parameter_change_reruns_exactly_its_dependents(runs):
     dvc_dir, luigi_dir = runs
     params = tiny_params()
-    params["proposals"]["max_boxes"] = 50
+    params["bbox"]["ridge_lambda"] = 100.0
     for folder in runs:
         write_params(folder, params)
-    assert sorted(dvc_repro(dvc_dir)) == sorted([*PROPOSAL_STAGES, "recall", "finetune"])
-    assert luigi_run(luigi_dir) == ["Finetune", "Proposals", "Recall"]
+    assert sorted(dvc_repro(dvc_dir)) == sorted(per_recipe("bbox", "detect", "evaluate"))
+    assert luigi_run(luigi_dir) == ["Bbox", "Detect", "Evaluate"]
+    assert artifacts(dvc_dir) == artifacts(luigi_dir)
+    params["features"]["model"] = "imagenet"  # the "no fine-tuning" ablation: the R-CNN branch only
+    for folder in runs:
+        write_params(folder, params)
+    assert sorted(dvc_repro(dvc_dir)) == sorted([*per_shard("features"), *[f"{n}@rcnn" for n in ("svm", "bbox", "detect", "evaluate")]])
+    assert luigi_run(luigi_dir) == ["Bbox", "Detect", "Evaluate", "Features", "Svm"]
     assert artifacts(dvc_dir) == artifacts(luigi_dir)
     params["runtime"]["num_workers"] = 1  # how to run, not what: nothing reruns
     for folder in runs:

@@ -1,0 +1,208 @@
+"""Stage ``detect``: score, refine and suppress the test split's proposals (R-CNN test time).
+
+For every image of the test split's feature cache, in index order, only its
+proposal rows (``gt_label == -1``) are used:
+
+1. Scores ``(M, C)``: ``scorer: svm`` applies the class SVMs to the ``fc``
+   features (:meth:`stages.svm.SvmModel.scores`); ``scorer: softmax`` takes the
+   cached network probabilities without the background column
+   (``scores[:, 1:]``), which only a network fine-tuned for detection has.
+2. Per class, boxes scoring at least ``score_threshold`` are kept; with
+   ``box_regression`` each is moved by the class's box regressor
+   (:meth:`stages.bbox.BoxRegressor.predict` on its ``pool`` features), then
+   clipped to the image; boxes left with no area are dropped.
+3. Greedy NMS per class at ``nms_iou`` (:func:`torchvision.ops.nms`), then at most
+   ``max_per_class`` detections per class, the highest scoring.
+
+Outputs, over every image including those without detections:
+
+* ``out_path``: per-image HDF5 (:mod:`stages.store`), rows ``boxes (K, 4)
+  float32`` (continuous ``x1, y1, x2, y2``), ``scores (K,) float32``, ``labels
+  (K,) int32`` (0-based index into ``classes``), ordered by class, then by
+  decreasing score; attributes ``stage``, ``classes``, ``recipe``, ``split`` and the
+  provenance (``params``: the ``detect`` section without ``recipes``, which does
+  not change this output; ``code_version``; ``inputs``: digests of the
+  feature shards and of the SVM and box-regressor files when used).
+* ``coco_path``: the same detections as a COCO results JSON list, one object a
+  line: ``image_id`` (the VOC image id string), ``category_id`` (class index +
+  1), ``category`` (class name), ``bbox`` ``[x, y, w, h]`` in continuous pixel
+  coordinates rounded to 2 decimals (VOC's 1-based inclusive coordinates are
+  ``xmin = x + 1, ymin = y + 1, xmax = x + w, ymax = y + h``) and ``score``. It
+  is streamed into its temporary file, so memory does not grow with the split.
+* ``timing_file(out_path)``: wall-clock seconds of this stage (scoring, box
+  regression and NMS on cached features; not the feature extraction), kept
+  apart so the HDF5 file stays byte-identical.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torchvision.ops import nms
+from tqdm import tqdm
+
+from stages.atomic import atomic_path, write_text
+from stages.bbox import BoxRegressor, load_bbox
+from stages.boxes import as_boxes, clip_boxes
+from stages.config import DetectParams, as_dict
+from stages.featureset import FeatureSet
+from stages.layout import timing_file
+from stages.provenance import code_version, file_digest
+from stages.store import ArtifactError, RowSpec, create_per_image
+from stages.svm import SvmModel, load_svm
+
+ROWS = {"boxes": RowSpec((4,), np.float32), "scores": RowSpec((), np.float32), "labels": RowSpec((), np.int32)}
+
+
+def check_classes(path: Path, classes: list[str], expected: list[str]) -> None:
+    """Raise :class:`ArtifactError` unless a model file was trained for the feature cache's classes."""
+    if list(classes) != list(expected):
+        raise ArtifactError(f"{path}: trained for classes {classes}, but the feature cache has {expected} "
+                            "(stale model; rerun its stage)")
+
+
+def check_softmax(features: FeatureSet) -> None:
+    """Raise :class:`ArtifactError` if the cached scores come from an ImageNet network (no detection softmax)."""
+    if features.attrs.get("model") == "imagenet":
+        raise ArtifactError(
+            f"{features.paths[0].parent}: features of the ImageNet network (features.model: imagenet) have no "
+            "detection softmax; use detect.scorer: svm"
+        )
+
+
+def select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, params: DetectParams) -> np.ndarray:
+    """Indices kept by per-class greedy NMS and the per-class cap, ordered by class then decreasing score.
+
+    ``boxes (K, 4)``, ``scores (K,)``, ``labels (K,)``: candidates of one image.
+    """
+    kept = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        class_boxes, class_scores = as_boxes(boxes[members]), np.ascontiguousarray(scores[members], np.float32)
+        order = nms(torch.from_numpy(class_boxes), torch.from_numpy(class_scores), params.nms_iou).numpy()
+        kept.append(members[order[:params.max_per_class]])
+    return np.concatenate(kept) if kept else np.zeros(0, np.int64)
+
+
+def detect_image(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    pool: np.ndarray | None,
+    regressor: BoxRegressor | None,
+    size: tuple[int, int],
+    params: DetectParams,
+) -> dict[str, np.ndarray]:
+    """One image's detections: rows ``boxes``, ``scores``, ``labels`` of the output.
+
+    ``boxes (M, 4)`` proposals, ``scores (M, C)``, ``pool (M, Dp)`` (only read
+    with a ``regressor``), ``size`` the image's ``(width, height)``.
+    """
+    rows, labels = np.nonzero(scores >= params.score_threshold)
+    candidates = as_boxes(boxes[rows])
+    if regressor is not None:
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            candidates[members] = regressor.predict(int(c), pool[rows[members]], candidates[members])
+    candidates = clip_boxes(candidates, *size)
+    nonempty = (candidates[:, 2] > candidates[:, 0]) & (candidates[:, 3] > candidates[:, 1])
+    candidates, rows, labels = candidates[nonempty], rows[nonempty], labels[nonempty]
+    class_scores = scores[rows, labels].astype(np.float32)
+    keep = select(candidates, class_scores, labels, params)
+    return {"boxes": candidates[keep], "scores": class_scores[keep], "labels": labels[keep].astype(np.int32)}
+
+
+def coco_entries(image_id: str, detections: dict[str, np.ndarray], classes: list[str]) -> Iterator[dict[str, Any]]:
+    """One image's detections as COCO result objects (``bbox`` = ``[x, y, w, h]``, continuous pixels)."""
+    for (x1, y1, x2, y2), score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
+                                               detections["labels"].tolist()):
+        yield {
+            "image_id": image_id,
+            "category_id": label + 1,
+            "category": classes[label],
+            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+            "score": score,
+        }
+
+
+def image_scores(features: FeatureSet, i: int, proposals: np.ndarray, svm: SvmModel | None) -> np.ndarray:
+    """``(M, C)`` class scores of image ``i``'s proposal rows: SVM scores of ``fc``, or the cached softmax."""
+    if svm is not None:
+        return svm.scores(features.rows("fc", i)[proposals])
+    return features.rows("scores", i)[proposals, 1:]
+
+
+def load_models(
+    params: DetectParams, features: FeatureSet, svm_path: Path, bbox_path: Path
+) -> tuple[SvmModel | None, BoxRegressor | None, dict[str, str]]:
+    """The SVMs (scorer svm) and box regressors (box_regression) the parameters ask for, and their digests."""
+    svm = regressor = None
+    inputs = {}
+    if params.scorer == "svm":
+        svm = load_svm(svm_path)
+        check_classes(svm_path, svm.classes, features.classes)
+        inputs[str(svm_path)] = file_digest(svm_path)
+    else:
+        check_softmax(features)
+    if params.box_regression:
+        regressor = load_bbox(bbox_path)
+        check_classes(bbox_path, regressor.classes, features.classes)
+        if regressor.weights.shape[1] != features.dim("pool"):
+            raise ArtifactError(f"{bbox_path}: regressors of pool dimension {regressor.weights.shape[1]}, but the "
+                                f"feature cache's is {features.dim('pool')} (stale model; rerun the bbox stage)")
+        inputs[str(bbox_path)] = file_digest(bbox_path)
+    return svm, regressor, inputs
+
+
+def detect_split(
+    features: FeatureSet, svm: SvmModel | None, regressor: BoxRegressor | None, params: DetectParams
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """``(image_id, detections)`` of every image of ``features``, in order (:func:`detect_image`)."""
+    for i in tqdm(range(len(features)), desc=f"detect {features.recipe}", unit="image"):
+        proposals = np.flatnonzero(features.rows("gt_label", i) < 0)
+        scores = image_scores(features, i, proposals, svm)
+        reads_pool = regressor is not None and bool((scores >= params.score_threshold).any())
+        pool = features.rows("pool", i)[proposals] if reads_pool else None
+        size = (int(features.value("widths", i)), int(features.value("heights", i)))
+        boxes = features.rows("boxes", i)[proposals]
+        yield features.image_ids[i], detect_image(boxes, scores, pool, regressor, size, params)
+
+
+def run(
+    params: DetectParams,
+    recipe: str,
+    test_split: str,
+    num_shards: int,
+    svm_path: Path,
+    bbox_path: Path,
+    out_path: Path,
+    coco_path: Path,
+) -> None:
+    """Detect objects in every image of ``test_split``'s ``recipe`` feature cache; write the detections."""
+    with FeatureSet(recipe, test_split, num_shards) as features:
+        classes = features.classes
+        svm, regressor, model_inputs = load_models(params, features, svm_path, bbox_path)
+        attrs = {
+            "stage": "detect", "classes": classes, "recipe": recipe, "split": test_split,
+            "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"}},
+            "code_version": code_version("detect"),
+            "inputs": {**{str(p): file_digest(p) for p in features.paths}, **model_inputs},
+        }
+        start, total = time.perf_counter(), 0
+        with atomic_path(coco_path, ".json") as coco_tmp, open(coco_tmp, "w") as coco, \
+                create_per_image(out_path, ROWS, attrs) as writer:
+            coco.write("[")
+            for image_id, detections in detect_split(features, svm, regressor, params):
+                writer.append(image_id, detections)
+                for entry in coco_entries(image_id, detections, classes):
+                    coco.write(("\n" if total == 0 else ",\n") + json.dumps(entry))
+                    total += 1
+            coco.write("\n]\n")
+        images, seconds = len(features), time.perf_counter() - start
+    per_image = seconds / max(images, 1)
+    timing = {"images": images, "wall_seconds": round(seconds, 3), "seconds_per_image": round(per_image, 6)}
+    write_text(timing_file(out_path), json.dumps(timing, indent=2) + "\n")
+    print(f"detect {recipe} {test_split}: {total} detections in {images} images, {per_image:.4f} s/image", flush=True)

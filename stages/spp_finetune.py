@@ -1,0 +1,268 @@
+"""Stage ``spp_finetune``: train SPP-net's fully connected layers on the cached pyramids.
+
+SPP-net fine-tunes only the layers after the pyramid: here a fresh MLP
+``fc6 = Linear(pool_dim, hidden) + ReLU + Dropout``, ``fc7`` (the same,
+``hidden -> hidden``) and ``fc8 = Linear(hidden, C + 1)`` (N(0, 0.01), as
+R-CNN's), trained with SGD (momentum, weight decay), a step learning rate and
+cross-entropy on the pyramids of the training split (``features_cache/spp/<split>/``,
+all shards) - no image is read.
+
+Labels: a ground-truth row is its class + 1; a proposal is ``c + 1`` for the
+class ``c`` of its largest per-class IoU (``iou`` rows) if that IoU is at
+least ``fg_iou``, else 0 (background): ``C + 1`` classes.
+
+Mini-batches are Fast R-CNN's hierarchical sampling: batch ``b`` draws
+``images_per_batch`` distinct images (among those with at least one row), then
+``batch_size`` of their rows, ``round(batch_size * positive_fraction)``
+foreground and the rest background, each part without replacement unless it
+has fewer rows than it needs (all background if the images hold no
+foreground, all foreground if no background). Only those images' rows are
+read, so memory is bounded by the batch, not the split. Batch ``b`` is a
+function of ``(seed, b)`` only; ``num_workers`` spawned DataLoader workers read
+and decompress them ahead of the training loop (one worker: the training
+process reads them itself), and the result does not depend on their number.
+
+Features are cast to float32 and multiplied by ``feature_scale``, set once so
+that the mean L2 norm over the rows of a seeded sample of :data:`NORM_IMAGES`
+images is ``sqrt(pool_dim)`` (unit root-mean-square per dimension): the
+learning rate then does not depend on the backbone's feature magnitude.
+
+Outputs: the head file (``torch.save`` of a dict: ``classes``, ``num_classes``,
+``pool_dim``, ``hidden``, ``dropout``, ``levels``, ``feature_scale``,
+``state_dict``, ``params``, ``code_version``, ``inputs``), read back with
+:func:`load_head`; and the training curve CSV ``iteration,loss,accuracy``
+(as the finetune stage's).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from stages.atomic import atomic_path, write_text
+from stages.config import SppParams, as_dict
+from stages.errors import PipelineError
+from stages.finetune import CURVE_WINDOW, curve_rows, sample_batch
+from stages.layout import spp_dir
+from stages.provenance import code_version, file_digest
+from stages.store import PerImageReader
+
+NORM_IMAGES = 16  # images whose rows estimate the mean feature norm
+
+
+class SppFinetuneError(PipelineError, ValueError):
+    """The cached pyramids cannot make the requested mini-batches, or a head file is unusable."""
+
+
+class SppHead(nn.Module):
+    """SPP-net's fc6, fc7 (``hidden``, for the SVMs) and fc8 (``num_outputs`` logits, 0 = background).
+
+    Every method takes raw cached pyramids ``(N, pool_dim)`` (any float dtype)
+    and applies ``feature_scale`` itself.
+    """
+
+    def __init__(self, pool_dim: int, hidden: int, num_outputs: int, dropout: float, feature_scale: float = 1.0):
+        super().__init__()
+        self.pool_dim, self.fc_dim = pool_dim, hidden
+        self.register_buffer("feature_scale", torch.tensor(feature_scale, dtype=torch.float32))
+        self.hidden = nn.Sequential(
+            nn.Linear(pool_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc6
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc7
+        )
+        self.classifier = nn.Linear(hidden, num_outputs)  # fc8
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def fc7(self, pool: Tensor) -> Tensor:
+        """``(N, pool_dim)`` -> ``(N, hidden)`` fc7 features (after ReLU)."""
+        return self.hidden(pool.float() * self.feature_scale)
+
+    def forward(self, pool: Tensor) -> Tensor:
+        """``(N, pool_dim)`` -> ``(N, C + 1)`` logits."""
+        return self.classifier(self.fc7(pool))
+
+    def scores(self, pool: Tensor) -> Tensor:
+        """``(N, pool_dim)`` -> ``(N, C + 1)`` softmax probabilities, column 0 = background."""
+        return torch.softmax(self(pool), dim=1)
+
+
+def region_labels(gt_label: np.ndarray, iou: np.ndarray, fg_iou: float) -> np.ndarray:
+    """``(M,)`` gt_label rows, ``(M, C)`` per-class IoU rows -> ``(M,)`` int64 labels, 0 = background.
+
+    Ties between classes go to the lower class number.
+    """
+    gt_label = np.asarray(gt_label, dtype=np.int64)
+    best = iou.argmax(axis=1)
+    proposal = np.where(iou[np.arange(len(iou)), best] >= fg_iou, best + 1, 0)
+    return np.where(gt_label >= 0, gt_label + 1, proposal)
+
+
+def sample_regions(rng: np.random.Generator, labels: np.ndarray, batch_size: int, positive_fraction: float) -> np.ndarray:
+    """``(batch_size,)`` row numbers of ``labels``: foreground first, then background (see the module docstring)."""
+    foreground, background = np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)
+    fraction = positive_fraction if len(foreground) and len(background) else float(len(foreground) > 0)
+    return sample_batch(rng, foreground, background, batch_size, fraction)
+
+
+class RegionBatches(Dataset):
+    """``dataset[b]`` is mini-batch ``b``: ``(batch_size, pool_dim)`` cached pyramids and ``(batch_size,)`` labels."""
+
+    def __init__(self, folder: Path, num_shards: int, images: np.ndarray, params: SppParams) -> None:
+        self.folder, self.num_shards, self.params = folder, num_shards, params
+        self.images = torch.from_numpy(images)  # shared memory with spawned workers
+        self._reader: PerImageReader | None = None  # opened in each worker: h5py files do not pickle
+
+    def __len__(self) -> int:
+        return self.params.iterations
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    @property
+    def reader(self) -> PerImageReader:
+        if self._reader is None:
+            self._reader = PerImageReader.sharded(self.folder, self.num_shards)
+        return self._reader
+
+    def __getitem__(self, batch: int) -> tuple[Tensor, Tensor]:
+        rng = np.random.default_rng([self.params.seed, batch])
+        images = self.images.numpy()
+        chosen = np.sort(rng.choice(images, size=min(self.params.images_per_batch, len(images)), replace=False))
+        labels = np.concatenate([
+            region_labels(self.reader.rows("gt_label", i), self.reader.rows("iou", i), self.params.fg_iou)
+            for i in chosen
+        ])
+        rows = sample_regions(rng, labels, self.params.batch_size, self.params.positive_fraction)
+        pool = np.concatenate([self.reader.rows("pool", i) for i in chosen])[rows]
+        return torch.from_numpy(pool.astype(np.float32)), torch.from_numpy(labels[rows])
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # parallelism comes from the worker processes
+
+
+def count_labels(reader: PerImageReader, fg_iou: float) -> np.ndarray:
+    """``(n, 2)`` foreground and background rows of every image (reads only the small region rows)."""
+    counts = np.zeros((len(reader), 2), dtype=np.int64)
+    for i in range(len(reader)):
+        labels = region_labels(reader.rows("gt_label", i), reader.rows("iou", i), fg_iou)
+        counts[i] = (labels > 0).sum(), (labels == 0).sum()
+    return counts
+
+
+def feature_scale(reader: PerImageReader, images: np.ndarray, seed: int) -> float:
+    """The factor that brings the mean L2 norm of the rows of :data:`NORM_IMAGES` seeded images to ``sqrt(dim)``."""
+    rng = np.random.default_rng(seed)  # not [seed, b]: a stream apart from every mini-batch's
+    sample = rng.choice(images, size=min(NORM_IMAGES, len(images)), replace=False)
+    total, count, dim = 0.0, 0, 1
+    for i in np.sort(sample):
+        pool = reader.rows("pool", i).astype(np.float64)
+        total, count, dim = total + np.linalg.norm(pool, axis=1).sum(), count + len(pool), pool.shape[1]
+    if count == 0 or total == 0:
+        raise SppFinetuneError(f"{reader.paths[0].parent}: the sampled pyramids are all zero; cannot scale them")
+    return float(math.sqrt(dim) * count / total)
+
+
+def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> SppHead:
+    """The :class:`SppHead` saved by :func:`run`, in eval mode, with ``classes`` and ``levels`` set."""
+    path = Path(path)
+    if not path.is_file():
+        raise SppFinetuneError(f"{path}: head file not found (run the spp_finetune stage first)")
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        head = SppHead(saved["pool_dim"], saved["hidden"], saved["num_classes"], saved["dropout"])
+        head.load_state_dict(saved["state_dict"], strict=True)
+    except (KeyError, RuntimeError, OSError, ValueError) as exc:
+        raise SppFinetuneError(f"{path}: not an SPP-net head file of this pipeline ({exc})") from None
+    head.classes = list(saved["classes"])
+    head.levels = tuple(saved["levels"])
+    return head.eval()
+
+
+def run(params: SppParams, train_split: str, num_shards: int, head_path: Path, curve_path: Path,
+        num_workers: int = 0) -> None:
+    """Train the fc layers on the cached pyramids of ``train_split`` (``num_shards`` shards); write head and curve."""
+    folder = spp_dir(train_split)
+    with PerImageReader.sharded(folder, num_shards) as reader:
+        classes = [str(c) for c in reader.json_attr("classes")]
+        pool_dim, levels = int(reader.attrs["pool_dim"]), reader.json_attr("levels")
+        counts = count_labels(reader, params.fg_iou)
+        images = np.flatnonzero(counts.sum(axis=1) > 0)
+        print(f"spp_finetune {train_split}: {len(images)} images, {counts[:, 0].sum()} foreground and "
+              f"{counts[:, 1].sum()} background regions, {len(classes) + 1} classes", flush=True)
+        if params.positive_fraction > 0 and counts[:, 0].sum() == 0:
+            raise SppFinetuneError(f"{folder}: no foreground regions (sppnet.fg_iou, or the split's ground truth)")
+        if len(images) == 0:
+            raise SppFinetuneError(f"{folder}: no regions to train on")
+        scale = feature_scale(reader, images, params.seed)
+        inputs = {f"spp/{k}": file_digest(path) for k, path in enumerate(reader.paths)}
+
+    torch.manual_seed(params.seed)
+    head = SppHead(pool_dim, params.hidden, len(classes) + 1, params.dropout, scale)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    head.to(device).train()
+    optimizer = torch.optim.SGD(head.parameters(), lr=params.learning_rate, momentum=params.momentum,
+                                weight_decay=params.weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=params.lr_step, gamma=params.lr_gamma)
+    loss_fn = nn.CrossEntropyLoss()
+    batches = RegionBatches(folder, num_shards, images, params)
+    workers = max(1, num_workers or os.cpu_count() or 1)
+    processes = workers if workers > 1 else 0  # a single worker reads in this process: no start-up cost
+    loader = DataLoader(
+        batches,
+        batch_size=None,  # each item is already a mini-batch
+        num_workers=processes,
+        multiprocessing_context=multiprocessing.get_context("spawn") if processes else None,
+        worker_init_fn=_init_worker if processes else None,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if processes else None,
+    )
+    losses: list[float] = []
+    correct: list[float] = []
+    progress = tqdm(loader, total=params.iterations, desc=f"spp_finetune {train_split}", unit="it")
+    for x, y in progress:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = head(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        correct.append((logits.argmax(1) == y).float().mean().item())
+        if not math.isfinite(losses[-1]):
+            raise SppFinetuneError(f"training diverged at iteration {len(losses)} (loss {losses[-1]}); "
+                                   "lower sppnet.learning_rate")
+        recent = slice(-CURVE_WINDOW, None)
+        progress.set_postfix(loss=f"{np.mean(losses[recent]):.3f}", acc=f"{np.mean(correct[recent]):.2f}")
+    progress.close()
+    batches.close()
+
+    saved = {
+        "classes": classes,
+        "num_classes": len(classes) + 1,
+        "pool_dim": pool_dim,
+        "hidden": params.hidden,
+        "dropout": params.dropout,
+        "levels": list(levels),
+        "feature_scale": scale,
+        "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "params": as_dict(params),
+        "code_version": code_version("spp_finetune"),
+        "inputs": inputs,
+    }
+    with atomic_path(head_path, ".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(saved, f)  # to a file object: the temporary's name would otherwise end up in the zip records
+    write_text(curve_path, "\n".join(curve_rows(losses, correct, max(1, params.iterations // 200))) + "\n")

@@ -1,0 +1,504 @@
+"""Stage ``svm``: one linear SVM per class on fc features, with hard-negative mining (R-CNN step 4).
+
+Features. Every fc row is multiplied by ``feature_scale = target_norm / m``,
+where ``m`` is the mean L2 norm of a fixed sample of rows (as
+``rcnn_feature_stats.m``): :data:`NORM_IMAGES` images drawn with a generator
+seeded by ``seed``, then ``norm_sample`` of their rows drawn uniformly without
+replacement (all of them if they hold fewer), read image by image.
+
+Examples of class ``c``. Positives: the ground-truth rows of class ``c``
+(``gt_label == c``), difficult ones included (the cache does not mark them).
+Negatives: every row, proposal or ground truth of another class, whose
+``iou[:, c]`` is below ``neg_iou``. Rows in between are ignored.
+
+Training (``rcnn_train.m``). Each class keeps a cache: all its positives and
+the negatives mined so far. The images are visited in a permutation drawn from
+``(seed, pass)``, ``passes`` times. Each image's negatives are scored by the
+class's current model; those scoring above ``hard_threshold`` that are not in
+the cache (key: image, row) join it; while a class has no model yet, all of
+them join. The SVM is (re)trained when the cache first holds negatives, when
+``retrain_every`` or more negatives joined since the last training (the
+reference retrains after *more than* its limit; here *at least*), and after the
+last image of the last pass. After each training, cached negatives scoring
+below ``easy_threshold`` are evicted. With ``mining: false`` (the baseline of
+the mining benchmark) every negative of every image joins and the SVM is
+trained once, at the end: memory then grows with the number of negatives.
+
+The solver is liblinear's L2-regularised hinge loss (sklearn
+``LinearSVC(loss="hinge", dual=True)``), positive-class weight
+``positive_weight`` and bias multiplier ``intercept_scaling`` = ``s``:
+liblinear appends a constant feature ``s`` to every example, so it also
+regularises the bias ``b = s * w_s``. The objective it minimises, and that the
+report records for every training round, is therefore::
+
+    0.5 * |w|^2 + 0.5 * (b / s)^2 + C * positive_weight * sum_pos max(0, 1 - z) + C * sum_neg max(0, 1 + z)
+
+with ``z = w . x + b`` (``x`` scaled). liblinear's coordinate descent visits the
+examples in an order drawn from a seed derived from ``(seed, class)``, so each
+class's model depends only on the data and the parameters, never on the number
+of worker processes. A class with no positives, or one that never meets a
+negative, cannot be trained: it gets zero weights and bias :data:`NEVER_BIAS`
+(it never detects anything), a warning, and its status in the report.
+
+Classes are trained in parallel: spawned worker processes each take a subset
+of the classes and make their passes over the images for all of them at
+once, reading each image's rows once per pass; the positives are collected
+beforehand in one pass by the parent. Memory is bounded by the positives and
+the negative caches, never by the size of the feature cache.
+
+Outputs. The model: HDF5 with datasets ``weights (C, D) float32`` and
+``biases (C,) float32``, attributes ``feature_scale``, ``classes`` (JSON),
+``recipe``, ``split`` and the provenance (``params``, ``code_version``,
+``inputs``), read back with :func:`load_svm`; scores are
+``(fc * feature_scale) @ weights.T + biases``. The report (JSON):
+``feature_scale``, ``mean_norm``, and per class its ``status``, ``positives``,
+``negatives_seen``, ``final_cache_negatives``, ``seconds`` (training) and the
+``rounds`` (one per training: ``pass``, ``image``, ``cache_negatives``,
+``new_negatives``, ``evicted``, ``objective`` and its three terms,
+``iterations``, ``seconds``). Its timings differ from run to run; the model
+file does not.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+from sklearn.svm import LinearSVC
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from stages.atomic import atomic_path, write_text
+from stages.config import SvmParams, as_dict
+from stages.errors import PipelineError
+from stages.featureset import FeatureSet
+from stages.provenance import code_version, file_digest
+
+FORMAT_VERSION = 1
+NEVER_BIAS = -1000.0  # bias of a class that could not be trained: it never scores above any threshold
+NORM_IMAGES = 200  # images sampled to estimate the mean feature norm (rcnn_feature_stats.m)
+MAX_ITER = 100_000  # liblinear passes over the cache; a round that needs them all is reported
+TOLERANCE = 1e-4  # liblinear stopping tolerance
+_MODEL_ATTRS = ("format_version", "stage", "feature_scale", "classes")
+
+
+class SvmError(PipelineError, ValueError):
+    """An SVM model file is missing or unusable, or the feature cache cannot train SVMs."""
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SvmModel:
+    """Per-class linear SVMs: ``weights (C, D) float32``, ``biases (C,) float32``, ``classes`` (C names).
+
+    ``feature_scale`` multiplies the raw fc features before the dot product.
+    """
+
+    weights: np.ndarray
+    biases: np.ndarray
+    feature_scale: float
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        weights = np.asarray(self.weights, dtype=np.float32)
+        biases = np.asarray(self.biases, dtype=np.float32)
+        if weights.ndim != 2 or biases.shape != (len(weights),) or len(self.classes) != len(weights):
+            raise ValueError(f"need weights (C, D), biases (C,) and C classes, got {weights.shape}, "
+                             f"{biases.shape} and {len(self.classes)} classes")
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "biases", biases)
+        object.__setattr__(self, "feature_scale", float(self.feature_scale))
+        object.__setattr__(self, "classes", [str(c) for c in self.classes])
+
+    def scores(self, fc: np.ndarray) -> np.ndarray:
+        """``(M, D)`` raw fc features -> ``(M, C)`` float32 SVM scores."""
+        fc = np.asarray(fc)
+        if fc.ndim != 2 or fc.shape[1] != self.weights.shape[1]:
+            raise SvmError(f"features of shape {fc.shape} do not fit SVMs of dimension {self.weights.shape[1]} "
+                           "(the SVM model and the feature cache come from different runs; rerun the svm stage)")
+        return scale_features(fc, self.feature_scale) @ self.weights.T + self.biases
+
+    def save(self, path: str | Path, attrs: Mapping[str, Any]) -> None:
+        """Write the model atomically to ``path`` with extra attributes ``attrs`` (non-scalars as JSON)."""
+        reserved = sorted(set(attrs) & set(_MODEL_ATTRS))
+        if reserved:
+            raise ValueError(f"attributes {reserved} are written by SvmModel.save itself")
+        with atomic_path(path, ".h5") as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("weights", data=self.weights)
+                f.create_dataset("biases", data=self.biases)
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["stage"] = "svm"
+                f.attrs["feature_scale"] = self.feature_scale
+                f.attrs["classes"] = json.dumps(self.classes)
+                for key, value in attrs.items():
+                    scalar = isinstance(value, (str, int, float, np.integer, np.floating))
+                    f.attrs[key] = value if scalar else json.dumps(value, sort_keys=True)
+
+
+def load_svm(path: str | Path) -> SvmModel:
+    """The :class:`SvmModel` saved at ``path``; :class:`SvmError` if it is missing or not an SVM model file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SvmError(f"{path}: SVM model file not found (run the svm stage first)")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("stage") != "svm":
+                raise KeyError("attribute stage is not 'svm'")
+            return SvmModel(f["weights"][:], f["biases"][:], float(f.attrs["feature_scale"]),
+                            json.loads(f.attrs["classes"]))
+    except (KeyError, OSError, ValueError, TypeError) as exc:
+        raise SvmError(f"{path}: not an SVM model file of this pipeline ({exc})") from None
+
+
+def scale_features(fc: np.ndarray, scale: float) -> np.ndarray:
+    """``(M, D)`` raw features (float16 or float32) -> ``(M, D)`` float32 ``fc * scale``."""
+    return np.asarray(fc, dtype=np.float32) * np.float32(scale)
+
+
+# --- feature scale -------------------------------------------------------------------------------
+
+
+def norm_sample_rows(counts: np.ndarray, norm_sample: int, seed: int) -> dict[int, np.ndarray]:
+    """``{image: sorted row numbers}``: the rows whose norms estimate the mean norm.
+
+    :data:`NORM_IMAGES` images are drawn (all if there are fewer), then
+    ``norm_sample`` of their rows uniformly without replacement (all of them if
+    they hold fewer). ``counts (n,)`` are the rows per image.
+    """
+    rng = np.random.default_rng(seed)
+    images = np.sort(rng.permutation(len(counts))[:NORM_IMAGES])
+    starts = np.concatenate([[0], np.cumsum(counts[images])])
+    total = int(starts[-1])
+    chosen = np.sort(rng.choice(total, size=min(norm_sample, total), replace=False))
+    owner = np.searchsorted(starts, chosen, side="right") - 1
+    return {int(images[k]): chosen[owner == k] - starts[k] for k in np.unique(owner)}
+
+
+def mean_norm(features: FeatureSet, sample: Mapping[int, np.ndarray]) -> float:
+    """Mean L2 norm of the raw fc rows in ``sample`` (:func:`norm_sample_rows`), read image by image."""
+    norms = [
+        np.linalg.norm(scale_features(features.rows("fc", i)[rows], 1.0), axis=1)
+        for i, rows in tqdm(sorted(sample.items()), desc="svm feature norms", unit="image")
+    ]
+    norms = np.concatenate(norms) if norms else np.zeros(0)
+    if not len(norms) or not norms.mean() > 0:
+        raise SvmError(f"{features.paths[0].parent}: no fc features with a positive norm to scale "
+                       f"({len(norms)} rows sampled)")
+    return float(norms.astype(np.float64).mean())
+
+
+def image_order(num_images: int, seed: int, pass_index: int) -> np.ndarray:
+    """``(num_images,)`` the order in which pass ``pass_index`` visits the images."""
+    return np.random.default_rng([seed, pass_index]).permutation(num_images)
+
+
+def class_seed(seed: int, class_index: int) -> int:
+    """liblinear's random state for class ``class_index``: a function of both numbers only."""
+    return int(np.random.SeedSequence([seed, class_index]).generate_state(1)[0])
+
+
+# --- one SVM -------------------------------------------------------------------------------------
+
+
+def fit_svm(
+    positives: np.ndarray, negatives: np.ndarray, params: SvmParams, random_state: int
+) -> tuple[np.ndarray, np.float32, int]:
+    """Train on ``(P, D)`` positives and ``(N, D)`` negatives (scaled, both non-empty).
+
+    Returns the weights ``(D,)`` float32, the bias (float32) and liblinear's iteration count.
+    """
+    svm = LinearSVC(
+        loss="hinge",
+        dual=True,
+        C=params.C,
+        class_weight={1: params.positive_weight, 0: 1.0},
+        fit_intercept=True,
+        intercept_scaling=params.intercept_scaling,
+        tol=TOLERANCE,
+        max_iter=MAX_ITER,
+        random_state=random_state,
+    )
+    x = np.concatenate([positives, negatives])
+    y = np.concatenate([np.ones(len(positives), np.int64), np.zeros(len(negatives), np.int64)])
+    svm.fit(x, y)
+    return svm.coef_[0].astype(np.float32), np.float32(svm.intercept_[0]), int(np.max(svm.n_iter_))
+
+
+def objective(
+    weights: np.ndarray, bias: float, z_pos: np.ndarray, z_neg: np.ndarray, params: SvmParams
+) -> dict[str, float]:
+    """liblinear's primal objective and its terms, for scores ``z_pos (P,)`` and ``z_neg (N,)``.
+
+    The regulariser includes the bias as liblinear sees it: ``b / intercept_scaling``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    loss_positive = params.C * params.positive_weight * float(np.maximum(0.0, 1.0 - np.float64(z_pos)).sum())
+    loss_negative = params.C * float(np.maximum(0.0, 1.0 + np.float64(z_neg)).sum())
+    regulariser = 0.5 * float(w @ w) + 0.5 * (float(bias) / params.intercept_scaling) ** 2
+    return {
+        "objective": loss_positive + loss_negative + regulariser,
+        "loss_positive": loss_positive,
+        "loss_negative": loss_negative,
+        "regulariser": regulariser,
+    }
+
+
+class HardNegativeMiner:
+    """The training cache of one class and its mining rules (see the module docstring).
+
+    Feed it every image of every pass with :meth:`see_image`; it trains
+    whenever the rules say so. ``mining=False`` keeps every negative and trains
+    only at the last image.
+    """
+
+    def __init__(self, positives: np.ndarray, params: SvmParams, random_state: int, mining: bool = True) -> None:
+        self.positives = np.asarray(positives, dtype=np.float32)
+        self.params = params
+        self.random_state = random_state
+        self.mining = mining
+        self.weights: np.ndarray | None = None
+        self.bias = np.float32(0.0)
+        self.rounds: list[dict[str, Any]] = []
+        self.negatives_seen = 0
+        self.added = 0  # negatives added since the last training
+        dim = self.positives.shape[1]
+        self._cache = np.zeros((0, dim), np.float32)
+        self._keys = np.zeros(0, np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._known: set[int] = set()
+        self._where = (0, 0)
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._keys) + sum(len(k) for k, _ in self._pending)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """``(K, D)`` scaled features -> ``(K,)`` float32 scores of the current model (one per row, always)."""
+        return features @ self.weights + self.bias
+
+    def see_image(
+        self, image: int, rows: np.ndarray, features: np.ndarray, last: bool, where: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Offer image ``image``'s negatives: row numbers ``rows (K,)``, scaled ``features (K, D)``.
+
+        ``last``: the last image of the last pass. ``where`` = (pass, image
+        position), both 1-based, only recorded in the rounds.
+        """
+        self._where = where
+        self.negatives_seen += len(rows)
+        keys = (np.int64(image) << 32) + np.asarray(rows, dtype=np.int64)
+        keep = np.arange(len(keys))
+        if self.mining and self.weights is not None:
+            keep = np.flatnonzero(self.score(features) > self.params.hard_threshold)
+        keep = np.array([k for k in keep if int(keys[k]) not in self._known], np.int64)  # not cached already
+        if len(keep):
+            self._pending.append((keys[keep], np.asarray(features[keep], np.float32)))
+            self._known.update(keys[keep].tolist())
+            self.added += len(keep)
+        if self.cache_size and self._due(last):
+            self.train()
+
+    def _due(self, last: bool) -> bool:
+        if not self.mining:
+            return last
+        return last or self.weights is None or self.added >= self.params.retrain_every
+
+    def train(self) -> None:
+        """Retrain on the cache, record the round, evict the easy negatives."""
+        if self._pending:
+            self._keys = np.concatenate([self._keys] + [k for k, _ in self._pending])
+            self._cache = np.concatenate([self._cache] + [x for _, x in self._pending])
+            self._pending = []
+        start = time.perf_counter()
+        self.weights, self.bias, iterations = fit_svm(self.positives, self._cache, self.params, self.random_state)
+        seconds = time.perf_counter() - start
+        z_neg = self.score(self._cache)
+        easy = z_neg < self.params.easy_threshold
+        self.rounds.append({
+            "pass": self._where[0],
+            "image": self._where[1],
+            "cache_negatives": len(self._keys),
+            "new_negatives": self.added,
+            "evicted": int(easy.sum()),
+            **objective(self.weights, self.bias, self.score(self.positives), z_neg, self.params),
+            "iterations": iterations,
+            "seconds": seconds,
+        })
+        self._known.difference_update(self._keys[easy].tolist())
+        self._keys, self._cache = self._keys[~easy], self._cache[~easy]
+        self.added = 0
+
+
+# --- passes over the feature cache ---------------------------------------------------------------
+
+
+@dataclass
+class ClassResult:
+    """One class's trained SVM (``weights (D,)``, ``bias``) or its failure, and its mining statistics."""
+
+    index: int
+    status: str  # trained | no_positives | no_negatives
+    weights: np.ndarray
+    bias: float
+    positives: int
+    negatives_seen: int = 0
+    final_cache_negatives: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "positives": self.positives,
+            "negatives_seen": self.negatives_seen,
+            "final_cache_negatives": self.final_cache_negatives,
+            "seconds": sum(r["seconds"] for r in self.rounds),
+            "rounds": self.rounds,
+        }
+
+
+@dataclass(frozen=True)
+class MiningTask:
+    """What one worker trains: the classes ``class_indices`` with their scaled ``positives``."""
+
+    recipe: str
+    split: str
+    num_shards: int
+    params: SvmParams
+    feature_scale: float
+    class_indices: tuple[int, ...]
+    positives: tuple[np.ndarray, ...]
+    position: int = 0  # of the worker's progress bar
+
+
+def collect_positives(features: FeatureSet, scale: float, num_classes: int) -> list[np.ndarray]:
+    """Scaled fc rows of the ground truth, per class: ``num_classes`` arrays ``(P_c, D)`` float32."""
+    blocks: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    for i in tqdm(range(len(features)), desc="svm positives", unit="image"):
+        labels = features.rows("gt_label", i)
+        gt = np.flatnonzero(labels >= 0)
+        if len(gt):
+            fc = scale_features(features.rows("fc", i)[gt], scale)
+            for c in np.unique(labels[gt]):
+                blocks[c].append(fc[labels[gt] == c])
+    dim = features.dim("fc")
+    return [np.concatenate(b) if b else np.zeros((0, dim), np.float32) for b in blocks]
+
+
+def mine(task: MiningTask) -> list[ClassResult]:
+    """Train the task's classes in ``passes`` passes over the images (one if not mining); one thread."""
+    params = task.params
+    miners = [HardNegativeMiner(p, params, class_seed(params.seed, c), params.mining)
+              for c, p in zip(task.class_indices, task.positives)]
+    passes = params.passes if params.mining else 1
+    names = ",".join(str(c) for c in task.class_indices)
+    with threadpool_limits(limits=1), FeatureSet(task.recipe, task.split, task.num_shards) as features:
+        for p in range(passes):
+            order = image_order(len(features), params.seed, p)
+            for step, i in enumerate(tqdm(order, desc=f"svm classes {names} pass {p + 1}/{passes}",
+                                          unit="image", position=task.position)):
+                _offer_image(features, int(i), miners, task, last=p == passes - 1 and step == len(order) - 1,
+                             where=(p + 1, step + 1))
+    return [_result(c, m) for c, m in zip(task.class_indices, miners)]
+
+
+def _offer_image(features: FeatureSet, i: int, miners: list[HardNegativeMiner], task: MiningTask, last: bool,
+                 where: tuple[int, int]) -> None:
+    """Give every miner image ``i``'s negatives of its class."""
+    iou, labels = features.rows("iou", i), features.rows("gt_label", i)
+    fc = scale_features(features.rows("fc", i), task.feature_scale)
+    for c, miner in zip(task.class_indices, miners):
+        rows = np.flatnonzero((iou[:, c] < task.params.neg_iou) & (labels != c))
+        miner.see_image(i, rows, fc[rows], last, where)
+
+
+def _result(class_index: int, miner: HardNegativeMiner) -> ClassResult:
+    dim = miner.positives.shape[1]
+    if miner.weights is None:
+        return ClassResult(class_index, "no_negatives", np.zeros(dim, np.float32), NEVER_BIAS, len(miner.positives),
+                           miner.negatives_seen)
+    return ClassResult(class_index, "trained", miner.weights, float(miner.bias), len(miner.positives),
+                       miner.negatives_seen, miner.cache_size, miner.rounds)
+
+
+def _mine_all(tasks: list[MiningTask]) -> list[ClassResult]:
+    """Run the tasks in spawned worker processes (in this process if there is only one)."""
+    if len(tasks) <= 1:
+        return [r for task in tasks for r in mine(task)]
+    # spawn, not fork: a fork of a process whose BLAS/HDF5 threads already run can deadlock
+    with multiprocessing.get_context("spawn").Pool(len(tasks)) as pool:
+        return [r for results in pool.imap(mine, tasks) for r in results]
+
+
+def _warn_untrained(classes: list[str], results: list[ClassResult]) -> None:
+    why = {"no_positives": "it has no ground-truth box in the training split",
+           "no_negatives": "it met no negative (no box with IoU below svm.neg_iou)"}
+    for r in results:
+        if r.status != "trained":
+            print(f"warning: svm: class {classes[r.index]!r} cannot be trained: {why[r.status]}; "
+                  f"it gets zero weights and bias {NEVER_BIAS} and will never be detected", file=sys.stderr, flush=True)
+
+
+def run(
+    params: SvmParams,
+    recipe: str,
+    train_split: str,
+    num_shards: int,
+    out_path: Path,
+    report_path: Path,
+    num_workers: int = 0,
+) -> None:
+    """Train the per-class SVMs on ``recipe``'s feature cache of ``train_split``; write the model and report."""
+    start = time.perf_counter()
+    with FeatureSet(recipe, train_split, num_shards) as features:
+        classes, dim = features.classes, features.dim("fc")
+        if not len(features):
+            raise SvmError(f"{features.paths[0].parent}: the feature cache holds no images")
+        sample = norm_sample_rows(features.counts(), params.norm_sample, params.seed)
+        norm = mean_norm(features, sample)
+        scale = params.target_norm / norm
+        positives = collect_positives(features, scale, len(classes))
+        inputs = {p.as_posix(): file_digest(p) for p in features.paths}
+    trainable = [c for c in range(len(classes)) if len(positives[c])]
+    workers = min(len(trainable), max(1, num_workers or os.cpu_count() or 1))
+    tasks = [
+        MiningTask(recipe, train_split, num_shards, params, scale, tuple(trainable[g::workers]),
+                   tuple(positives[c] for c in trainable[g::workers]), g)
+        for g in range(workers)
+    ]
+    results = _mine_all(tasks) + [
+        ClassResult(c, "no_positives", np.zeros(dim, np.float32), NEVER_BIAS, 0)
+        for c in range(len(classes)) if c not in trainable
+    ]
+    results.sort(key=lambda r: r.index)
+    _warn_untrained(classes, results)
+
+    model = SvmModel(np.stack([r.weights for r in results]) if results else np.zeros((0, dim), np.float32),
+                     np.array([r.bias for r in results], np.float32), scale, classes)
+    model.save(out_path, {
+        "recipe": recipe,
+        "split": train_split,
+        "params": {"svm": as_dict(params)},
+        "code_version": code_version("svm"),
+        "inputs": inputs,
+    })
+    report = {
+        "recipe": recipe,
+        "split": train_split,
+        "mining": params.mining,
+        "mean_norm": norm,
+        "feature_scale": scale,
+        "norm_sample_rows": int(sum(len(r) for r in sample.values())),
+        "classes": {classes[r.index]: r.report() for r in results},
+        "seconds": time.perf_counter() - start,
+    }
+    write_text(report_path, json.dumps(report, indent=2) + "\n")
