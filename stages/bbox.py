@@ -50,12 +50,11 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from tqdm import tqdm
 
-from stages.atomic import atomic_path
 from stages.boxes import as_boxes, box_area, box_iou, decode_boxes, encode_boxes
 from stages.config import BboxParams, as_dict
 from stages.featureset import FeatureSet
 from stages.provenance import code_version, file_digest
-from stages.store import FORMAT_VERSION, ArtifactError
+from stages.store import ArtifactError, write_arrays
 
 TARGET_NORM = 20.0  # mean L2 norm of the scaled pool features (R-CNN: 20)
 NORM_SAMPLE = 10000  # rows sampled to estimate the mean norm
@@ -94,17 +93,10 @@ class BoxRegressor:
 
     def save(self, path: Path, attrs: Mapping[str, Any]) -> None:
         """Write the model atomically; ``attrs`` (provenance, stats) become root attributes, JSON if not scalar."""
-        with atomic_path(path, ".h5") as tmp:
-            with h5py.File(tmp, "w") as f:
-                for name in ("weights", "biases", "target_mean", "target_std"):
-                    f.create_dataset(name, data=np.asarray(getattr(self, name), np.float32))
-                f.create_dataset("trained", data=np.asarray(self.trained, bool))
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["stage"] = "bbox"
-                f.attrs["feature_scale"] = float(self.feature_scale)
-                f.attrs["classes"] = json.dumps(list(self.classes))
-                for key, value in attrs.items():
-                    f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value, sort_keys=True)
+        arrays = {name: np.asarray(getattr(self, name), np.float32)
+                  for name in ("weights", "biases", "target_mean", "target_std")}
+        write_arrays(path, {**arrays, "trained": np.asarray(self.trained, bool)},
+                     {"stage": "bbox", "feature_scale": float(self.feature_scale), "classes": list(self.classes), **attrs})
 
 
 def load_bbox(path: str | Path) -> BoxRegressor:

@@ -60,10 +60,10 @@ from stages.errors import PipelineError
 from stages.images import load_image
 from stages.layout import index_file, proposals_dir
 from stages.provenance import code_version, file_digest
+from stages.sampling import CURVE_WINDOW, curve_rows, sample_batch
 from stages.store import PerImageReader, shard_path
 from stages.warp import to_tensor_batch, warp_regions
 
-CURVE_WINDOW = 10  # iterations averaged into each curve row
 IMAGE_CACHE = 8  # decoded images kept per loader worker
 
 
@@ -131,28 +131,6 @@ def collect_windows(index: PerImageReader, proposals: PerImageReader, fg_iou: fl
 
 
 # --- sampling ------------------------------------------------------------------------------------
-
-
-def sample_batch(
-    rng: np.random.Generator, foreground: np.ndarray, background: np.ndarray, batch_size: int, positive_fraction: float
-) -> np.ndarray:
-    """``(batch_size,)`` window numbers: ``round(batch_size * positive_fraction)`` foreground first, then background.
-
-    Each part is drawn uniformly without replacement, or with replacement when
-    there are fewer windows of that kind than the part needs.
-    """
-    num_fg = int(round(batch_size * positive_fraction))
-    parts = []
-    for pool, count, kind in ((foreground, num_fg, "foreground"), (background, batch_size - num_fg, "background")):
-        if count == 0:
-            continue
-        if len(pool) == 0:
-            raise FinetuneError(
-                f"no {kind} windows to fill {count} of each mini-batch of {batch_size} "
-                f"(finetune.fg_iou / positive_fraction, or the proposals and ground truth of the split)"
-            )
-        parts.append(rng.choice(pool, size=count, replace=len(pool) < count))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def batch_plan(params: FinetuneParams, foreground: np.ndarray, background: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,18 +219,6 @@ def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
     return torch.float16, True
-
-
-def curve_rows(losses: Sequence[float], correct: Sequence[float], every: int) -> list[str]:
-    """CSV rows ``iteration,loss,accuracy`` (1-based iteration, means over the last CURVE_WINDOW)."""
-    rows = ["iteration,loss,accuracy"]
-    n = len(losses)
-    for i in range(n):
-        if (i + 1) % every and i != n - 1:
-            continue
-        start = max(0, i + 1 - CURVE_WINDOW)
-        rows.append(f"{i + 1},{np.mean(losses[start:i + 1]):.6f},{np.mean(correct[start:i + 1]):.6f}")
-    return rows
 
 
 def run(

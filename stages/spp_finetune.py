@@ -49,7 +49,7 @@ from tqdm import tqdm
 from stages.atomic import atomic_path, write_text
 from stages.config import SppParams, as_dict
 from stages.errors import PipelineError
-from stages.finetune import CURVE_WINDOW, curve_rows, sample_batch
+from stages.sampling import CURVE_WINDOW, curve_rows, sample_batch
 from stages.layout import spp_dir
 from stages.provenance import code_version, file_digest
 from stages.store import PerImageReader

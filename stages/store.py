@@ -118,13 +118,27 @@ def create_per_image(
     """Write a per-image artifact atomically: it appears at ``path`` only once complete and verified."""
     with atomic_path(path, ".h5") as tmp:
         with h5py.File(tmp, "w") as f:
-            f.attrs["format_version"] = FORMAT_VERSION
-            for key, value in attrs.items():
-                f.attrs[key] = value if isinstance(value, (str, int, float, np.integer, np.floating)) else json.dumps(value, sort_keys=True)
+            set_attrs(f, {"format_version": FORMAT_VERSION, **attrs})
             writer = PerImageWriter(f, rows, images or {})
             yield writer
             writer.finish()
         _verify(tmp)
+
+
+def set_attrs(file: h5py.File, attrs: Mapping[str, Any]) -> None:
+    """Root attributes: numbers and strings as they are, anything else as sorted JSON."""
+    for key, value in attrs.items():
+        scalar = isinstance(value, (str, int, float, np.integer, np.floating))
+        file.attrs[key] = value if scalar else json.dumps(value, sort_keys=True)
+
+
+def write_arrays(path: str | Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
+    """Write a small whole-array artifact (a trained model) atomically: datasets ``arrays``, root ``attrs``."""
+    with atomic_path(path, ".h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, value in arrays.items():
+                f.create_dataset(name, data=value)
+            set_attrs(f, {"format_version": FORMAT_VERSION, **attrs})
 
 
 def _verify(path: Path) -> None:

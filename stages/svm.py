@@ -75,13 +75,13 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from stages.atomic import atomic_path, write_text
+from stages.atomic import write_text
 from stages.config import SvmParams, as_dict
 from stages.errors import PipelineError
 from stages.featureset import FeatureSet
 from stages.provenance import code_version, file_digest
+from stages.store import write_arrays
 
-FORMAT_VERSION = 1
 NEVER_BIAS = -1000.0  # bias of a class that could not be trained: it never scores above any threshold
 NORM_IMAGES = 200  # images sampled to estimate the mean feature norm (rcnn_feature_stats.m)
 MAX_ITER = 100_000  # liblinear passes over the cache; a round that needs them all is reported
@@ -132,17 +132,8 @@ class SvmModel:
         reserved = sorted(set(attrs) & set(_MODEL_ATTRS))
         if reserved:
             raise ValueError(f"attributes {reserved} are written by SvmModel.save itself")
-        with atomic_path(path, ".h5") as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("weights", data=self.weights)
-                f.create_dataset("biases", data=self.biases)
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["stage"] = "svm"
-                f.attrs["feature_scale"] = self.feature_scale
-                f.attrs["classes"] = json.dumps(self.classes)
-                for key, value in attrs.items():
-                    scalar = isinstance(value, (str, int, float, np.integer, np.floating))
-                    f.attrs[key] = value if scalar else json.dumps(value, sort_keys=True)
+        write_arrays(path, {"weights": self.weights, "biases": self.biases},
+                     {"stage": "svm", "feature_scale": self.feature_scale, "classes": list(self.classes), **attrs})
 
 
 def load_svm(path: str | Path) -> SvmModel:

@@ -9,7 +9,8 @@ import torch
 
 from stages import finetune, layout, proposals
 from stages.errors import PipelineError
-from stages.finetune import FinetuneError, batch_plan, label_windows, load_model, sample_batch
+from stages.finetune import FinetuneError, batch_plan, label_windows, load_model
+from stages.sampling import SamplingError
 
 GT = np.array([[0, 0, 10, 10], [20, 0, 30, 10]], np.float32)
 GT_LABELS = np.array([3, 1], np.int32)
@@ -39,26 +40,6 @@ def test_labels_take_the_best_ground_truth_of_another_class():
     # [1,0,11,10]: IoU 9/11 = 0.82 with gt0, 7/13 = 0.54 with gt1 -> class 0 -> 1
     assert label_windows(windows, gt, np.array([0, 2]), 0.5).tolist() == [3, 1]
     assert label_windows(windows, np.zeros((0, 4), np.float32), np.zeros(0), 0.5).tolist() == [0, 0]
-
-
-def test_sampler_proportions():
-    rng = np.random.default_rng(0)
-    fg, bg = np.arange(100), np.arange(100, 1000)
-    batch = sample_batch(rng, fg, bg, 32, 0.25)
-    assert len(batch) == 32 and np.isin(batch[:8], fg).all() and np.isin(batch[8:], bg).all()
-    assert len(set(batch.tolist())) == 32  # without replacement when there are enough
-
-
-def test_sampler_with_replacement_when_few_foreground():
-    batch = sample_batch(np.random.default_rng(0), np.array([5, 7]), np.arange(100, 1000), 32, 0.25)
-    assert len(batch) == 32 and set(batch[:8].tolist()) <= {5, 7} and np.isin(batch[8:], np.arange(100, 1000)).all()
-
-
-def test_sampler_without_foreground_is_a_clear_error():
-    with pytest.raises(FinetuneError, match="no foreground windows"):
-        sample_batch(np.random.default_rng(0), np.zeros(0, np.int64), np.arange(10), 32, 0.25)
-    # positive_fraction 0 needs none
-    assert len(sample_batch(np.random.default_rng(0), np.zeros(0, np.int64), np.arange(10), 4, 0.0)) == 4
 
 
 def test_batch_plan_depends_on_seed_and_batch_only(tiny_config):
@@ -125,7 +106,7 @@ def test_no_foreground_windows_fail_before_training(workspace, tiny_config, monk
     proposals.run(cfg.proposals, "raise", split, 0, 1, layout.proposals_shard(split, 0), num_workers=1)
     # A split whose ground truth matches nothing: every window is background.
     monkeypatch.setattr(finetune, "label_windows", lambda boxes, *_: np.zeros(len(boxes), np.int64))
-    with pytest.raises(FinetuneError, match="no foreground windows"):
+    with pytest.raises(SamplingError, match="no foreground windows"):
         finetune.run(_tiny(cfg), split, 1, workspace / "m.pt", workspace / "c.csv", num_workers=1)
     assert not (workspace / "m.pt").exists()
 
