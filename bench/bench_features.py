@@ -37,8 +37,7 @@ import torch
 
 from bench.common import BCCD, Workspace, print_table
 from stages import features, layout, proposals, synth
-from stages.backbones import build_backbone
-from stages.config import Config
+from stages.config import Config, FeatureParams
 from stages.images import load_image
 from stages.store import PerImageReader
 from stages.warp import to_tensor_batch, warp_regions
@@ -46,6 +45,11 @@ from stages.warp import to_tensor_batch, warp_regions
 IMAGES = 8
 NAIVE_REGIONS = 200
 FEATURE_DATASETS = ("pool", "fc", "scores")
+
+
+def imagenet(cfg: Config) -> FeatureParams:
+    """``features`` with the ``imagenet`` model: the same network as ``finetuned``, no finetune stage needed."""
+    return dataclasses.replace(cfg.features, model="imagenet")
 
 
 def propose(cfg: Config, split: str) -> int:
@@ -59,18 +63,15 @@ def propose(cfg: Config, split: str) -> int:
 def stage(cfg: Config, split: str, num_shards: int, workers: int) -> tuple[Path, float]:
     """Run the feature stage on shard 0; its output file and regions per second of the whole run."""
     out = layout.features_dir("rcnn", split) / f"shard-0-{workers}-workers.h5"
-    params = dataclasses.replace(cfg.features, model="imagenet")
     start = time.perf_counter()
-    features.run(params, cfg.finetune, split, 0, num_shards, cfg.data.train_split, out, num_workers=workers)
+    features.run(imagenet(cfg), cfg.finetune, split, 0, num_shards, cfg.data.train_split, out, num_workers=workers)
     seconds = time.perf_counter() - start
     return out, json.loads(layout.timing_file(out).read_text())["regions"] / seconds
 
 
-def network(cfg: Config, num_classes: int) -> torch.nn.Module:
+def network(cfg: Config, classes: list[str]) -> torch.nn.Module:
     """The stage's ``imagenet`` network, prepared as the stage prepares it (CPU, channels-last, eval)."""
-    torch.manual_seed(cfg.finetune.seed)
-    model = build_backbone(cfg.finetune.arch, cfg.finetune.weights, num_classes=num_classes + 1)
-    model.input_size, model.padding = cfg.finetune.input_size, cfg.finetune.padding
+    model, _ = features.load_network(imagenet(cfg), cfg.finetune, classes)
     return model.to(memory_format=torch.channels_last).eval()
 
 
@@ -94,7 +95,8 @@ def naive_loop(model: torch.nn.Module, cache: PerImageReader, root: Path, paths:
         for i, path in enumerate(paths):
             image = load_image(root / path)
             for box in cache.rows("boxes", i)[: NAIVE_REGIONS - done]:
-                x = to_tensor_batch(warp_regions(image, box[None], model.input_size, model.padding, fill), model.mean, model.std)
+                region = warp_regions(image, box[None], model.input_size, model.padding, fill)
+                x = to_tensor_batch(region, model.mean, model.std)
                 _, fc = model.forward_features(x.contiguous(memory_format=torch.channels_last))
                 torch.softmax(model.classifier(fc), dim=1)
                 fcs.append(fc.numpy())
@@ -117,7 +119,7 @@ def measure(name: str, cfg: Config, split: str) -> dict:
     num_shards = propose(cfg, split)
     with PerImageReader([layout.index_file(split)]) as index, \
             PerImageReader([layout.proposals_shard(split, 0)]) as shard:
-        model = network(cfg, len(index.json_attr("classes")))
+        model = network(cfg, [str(c) for c in index.json_attr("classes")])
         regions = int(shard.counts().sum())
     bare_before = bare_forward(model, regions, cfg.features.batch_size)
     default, cores = features.default_workers(0), os.cpu_count() or 1

@@ -134,7 +134,9 @@ def shard_images(index: PerImageReader, proposals: PerImageReader, with_gt: bool
     )
 
 
-def read_regions(images: ShardImages, index: PerImageReader, proposals: PerImageReader, i: int) -> dict[str, np.ndarray]:
+def read_regions(
+    images: ShardImages, index: PerImageReader, proposals: PerImageReader, i: int
+) -> dict[str, np.ndarray]:
     """Rows ``boxes``, ``gt_label``, ``iou`` of the shard's image ``i`` (:func:`stages.featureset.image_regions`)."""
     j = images.positions[i]
     return image_regions(proposals.rows("boxes", i), index.rows("gt_boxes", j), index.rows("gt_labels", j),
@@ -213,7 +215,9 @@ def _init_worker(_: int) -> None:
 # --- network -------------------------------------------------------------------------------------
 
 
-def load_network(params: FeatureParams, finetune: FinetuneParams, classes: list[str]) -> tuple[Backbone, dict[str, str]]:
+def load_network(
+    params: FeatureParams, finetune: FinetuneParams, classes: list[str]
+) -> tuple[Backbone, dict[str, str]]:
     """The network of ``params.model`` with ``input_size`` and ``padding`` set, and digests of the files it read."""
     # Imported here, not at the top: each spawned loader worker imports this module for RegionChunks,
     # and torchvision (imported by the model code) would add about 2 s to every worker's start.
@@ -310,7 +314,9 @@ def default_workers(num_workers: int) -> int:
     return num_workers if num_workers > 0 else max(1, (os.cpu_count() or 1) - 1)
 
 
-def chunk_outputs(model: Backbone, images: ShardImages, params: FeatureParams, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+def chunk_outputs(
+    model: Backbone, images: ShardImages, params: FeatureParams, num_workers: int
+) -> Iterator[dict[str, np.ndarray]]:
     """The :func:`forward` outputs of every chunk of the shard's regions, in order, warped by loader workers."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # channels_last: 1.6x faster depthwise convolutions on the CPU, and what tensor cores want on CUDA

@@ -243,8 +243,9 @@ def run(
     model = build_backbone(params.arch, params.weights)
     model.replace_classifier(len(classes) + 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # channels_last: 1.6x faster depthwise convolutions on the CPU, and what tensor cores want on CUDA
-    model.to(device, memory_format=torch.channels_last).train()
+    # Contiguous, not channels_last: on the CPU, channels_last backward passes measured 2.5x slower
+    # (EfficientNet-Lite0, batch 32 at 96 px), although its forward pass is 1.6x faster (stages.features).
+    model.to(device).train()
     amp_dtype, needs_scaler = _precision(device)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
     optimizer = torch.optim.SGD(model.parameters(), lr=params.learning_rate, momentum=params.momentum,
@@ -267,8 +268,7 @@ def run(
     correct: list[float] = []
     progress = tqdm(loader, total=params.iterations, desc=f"finetune {split}", unit="it")
     for x, y in progress:
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
