@@ -1,7 +1,9 @@
-"""Run every benchmark: ``python -m bench``."""
-from bench import bench_luigi_workers, bench_proposal_settings, bench_proposals
+"""Run every benchmark: ``python -m bench`` (the ablation table is ``python -m bench.ablation``)."""
+from bench import bench_features, bench_luigi_workers, bench_proposal_settings, bench_proposals, bench_spp
 
 if __name__ == "__main__":
     bench_proposals.main()
     bench_luigi_workers.main()
     bench_proposal_settings.main()
+    bench_features.main()
+    bench_spp.main()
