@@ -7,7 +7,7 @@
   byte-identical to an uninterrupted run, no temporary is read as the artifact, a rerun
   completes (and removes the killed run's temporaries), and a killed *rewrite* leaves the
   previous artifact as it was.
-- ``luigi ... RunAll --local-scheduler`` is killed mid-run; the rerun runs exactly the
+- ``luigi ... Recall --local-scheduler`` (the data and sharded proposal stages) is killed mid-run; the rerun runs exactly the
   tasks that had not completed (stamps and outputs of the others untouched) and the
   artifacts equal a clean run's.
 - A full disk (simulated in-process, and a real tiny tmpfs when mounting is allowed) and
@@ -274,7 +274,7 @@ def test_the_next_write_removes_stale_temporaries_of_its_target_only(tmp_path: P
 def luigi_command(*extra: str) -> list[str]:
     # --no-lock: Luigi's default lock is per command line and machine, so an identical
     # command in another project folder (another test run) would make this one a no-op.
-    return [str(BIN / "luigi"), "--module", "pipeline", "RunAll", "--workers", "2", "--no-lock", *extra]
+    return [str(BIN / "luigi"), "--module", "pipeline", "Recall", "--workers", "2", "--no-lock", *extra]
 
 
 TASK_LINE = re.compile(r"\b(running|done|failed) {2,}(\w+\([^()\n]*\))")

@@ -17,7 +17,7 @@ from stages.provenance import code_files
 from conftest import REPO, tiny_params, write_params
 
 BIN = Path(sys.executable).parent
-SPLITS, SHARDS, RECIPES = ("trainval", "test"), (0, 1), ("rcnn", "sppnet")
+SPLITS, SHARDS, RECIPES = ("trainval", "test"), (0,), ("rcnn", "sppnet")  # end-to-end runs: one shard (sharding: test_scale_out)
 
 
 def per_shard(name: str) -> list[str]:
@@ -155,11 +155,18 @@ def artifacts(folder: Path) -> dict[str, bytes]:
     return found
 
 
+def e2e_params() -> dict:
+    """The tiny parameters with one shard: the whole DAG twice stays within a few minutes."""
+    params = tiny_params()
+    params["sharding"]["shards"] = list(SHARDS)
+    return params
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny pipeline run once by ``dvc repro`` in a git repository and once by Luigi."""
     root = tmp_path_factory.mktemp("orchestrators")
-    dvc_dir, luigi_dir = project_copy(root / "dvc", tiny_params()), project_copy(root / "luigi", tiny_params())
+    dvc_dir, luigi_dir = project_copy(root / "dvc", e2e_params()), project_copy(root / "luigi", e2e_params())
     sh(dvc_dir, "git", "init", "-q")
     sh(dvc_dir, "dvc", "init", "-q")
     expected = ["synthetic", "index", "recall", "finetune", *PROPOSAL_STAGES, *FEATURE_STAGES, *POSTHOC_STAGES]
@@ -172,9 +179,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_both_orchestrators_write_identical_artifacts(runs):
     dvc_dir, luigi_dir = runs
     dvc_artifacts, luigi_artifacts = artifacts(dvc_dir), artifacts(luigi_dir)
-    # 2 index files, 4 shards each of proposals, R-CNN features, SPP pyramids and SPP-net features,
+    # 2 index files, per split and shard proposals, R-CNN features, SPP pyramids and SPP-net features,
     # per recipe an SVM, a box regressor, detections (.h5 and .json), mAP and PR curve; 2 models, 2 curves, recall
-    assert len(dvc_artifacts) == 2 + 4 * 4 + 2 * 6 + 4 + 1
+    assert len(dvc_artifacts) == 2 + 4 * 2 * len(SHARDS) + 2 * 6 + 4 + 1
     assert dvc_artifacts == luigi_artifacts
     for recipe in RECIPES:
         mean_ap = json.loads((dvc_dir / layout.map_metrics(recipe)).read_text())
@@ -194,7 +201,7 @@ def test_unchanged_rerun_does_nothing(runs):
 
 def test_a_parameter_change_reruns_exactly_its_dependents(runs):
     dvc_dir, luigi_dir = runs
-    params = tiny_params()
+    params = e2e_params()
     params["bbox"]["ridge_lambda"] = 100.0
     for folder in runs:
         write_params(folder, params)

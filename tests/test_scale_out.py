@@ -1,7 +1,7 @@
 """Scale-out: several Luigi processes share one pipeline through a central scheduler (luigid).
 
 A ``luigid`` on 127.0.0.1 (a free port, state in a temporary folder) coordinates
-``luigi --module pipeline RunAll --workers 2`` processes working in one project copy
+``luigi --module pipeline Recall --workers 2`` processes (the sharded proposal stages) working in one project copy
 with 4 proposal shards per split:
 
 - two processes started together compute every task exactly once between them, both
