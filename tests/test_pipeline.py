@@ -141,13 +141,15 @@ def luigi_run(folder: Path) -> list[str]:
 
 
 def artifacts(folder: Path) -> dict[str, bytes]:
-    """Every HDF5 artifact, model, curve, detection and mAP file, and the recall metrics without timings."""
+    """Every HDF5 artifact, the model, curve, detection and mAP files that exist (runs of part of the DAG
+    have only some), and the recall metrics without timings."""
     found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / layout.CACHE).rglob("*.h5"))}
     outputs = [layout.FINETUNED_MODEL, layout.FINETUNE_CURVE, layout.SPP_HEAD, layout.SPP_FINETUNE_CURVE]
     for recipe in RECIPES:
         outputs += [layout.coco_detections(recipe), layout.map_metrics(recipe), layout.pr_curve(recipe)]
     for path in outputs:
-        found[str(path)] = (folder / path).read_bytes()
+        if (folder / path).is_file():
+            found[str(path)] = (folder / path).read_bytes()
     metrics = json.loads((folder / layout.PROPOSAL_METRICS).read_text())
     for split in metrics.values():
         split.pop("seconds_per_image")
