@@ -12,15 +12,20 @@ Times come from Luigi's per-task processing time; a stage a variant did not
 rerun keeps the time it took in the full run. "train s" adds up fine-tuning,
 the training split's feature caching and the post-hoc training stages of the
 variant's recipe; "test s/img" is the test split's feature caching plus
-detection, per test image. Writes the markdown table to
-``features_cache/reports/ablation.md`` of the repository and prints it.
-``--data-root`` runs the same on another VOC dataset (e.g. BCCD).
+detection, per test image. Writes the markdown table, and the per-class AP of
+the full run, to ``features_cache/reports/ablation.md`` of the repository
+(``ablation-<dataset folder>.md`` with ``--data-root``) and prints it.
+``--data-root`` runs the same on another VOC dataset (e.g. BCCD), ``--set
+SECTION.KEY=VALUE`` changes a base parameter (e.g. ``proposals.max_boxes=500``
+to bound the CPU time of a large dataset) and ``--skip TEXT`` leaves out the
+variants whose name contains TEXT.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,15 +71,31 @@ sys.exit(0 if ok else 1)
 """
 
 
+TIMES = "task_seconds.json"  # per folder, never hard-linked: the seconds of every task run there so far
+
+
 def run_pipeline(folder: Path) -> dict[str, float]:
-    times_file = folder / "task_seconds.json"
+    """Run RunAll in ``folder``; the processing seconds of every task run there, this time or before."""
+    times_file, new_times = folder / TIMES, folder / f"new-{TIMES}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", RUNNER, str(times_file)], cwd=folder, env=env, check=True)
-    return json.loads(times_file.read_text())
+    subprocess.run([sys.executable, "-c", RUNNER, str(new_times)], cwd=folder, env=env, check=True)
+    times = {**(json.loads(times_file.read_text()) if times_file.exists() else {}), **json.loads(new_times.read_text())}
+    times_file.write_text(json.dumps(times, indent=2))
+    new_times.unlink()
+    return times
 
 
 def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def apply_setting(params: dict, assignment: str) -> None:
+    """Apply ``SECTION.KEY=VALUE`` (VALUE read as YAML) to the params dictionary; unknown keys are errors."""
+    key, sep, value = assignment.partition("=")
+    section, _, name = key.partition(".")
+    if not sep or section not in params or name not in params[section]:
+        raise SystemExit(f"--set {assignment!r}: expected SECTION.KEY=VALUE with a key of params.yaml")
+    params[section][name] = yaml.safe_load(value)
 
 
 def variant_params(base: dict, recipe: str, changes: dict[str, dict]) -> dict:
@@ -94,13 +115,25 @@ def row(name: str, folder: Path, recipe: str, times: dict[str, float], base_time
     train = sum(seconds.get(t, 0.0) for t in TRAIN_TASKS[recipe])
     test = sum(seconds.get(t, 0.0) for t in TEST_TASKS[recipe]) / max(num_test, 1)
     return {"variant": name, "mAP (VOC07 11-pt)": 100 * metrics["mAP_voc07"],
-            "mAP (VOC2010+)": 100 * metrics["mAP_voc2010"], "train s": train, "test s/img": test}
+            "mAP (VOC2010+)": 100 * metrics["mAP_voc2010"], "train s": train,
+            "SVM s": seconds.get(f"Svm:{recipe}", 0.0), "test s/img": test}
+
+
+def per_class_rows(folder: Path, recipes: list[str]) -> list[dict]:
+    """Per-class AP of the full run, both definitions, one row per class and recipe."""
+    rows = []
+    for recipe in recipes:
+        metrics = json.loads((folder / "features_cache" / "reports" / f"map_{recipe}.json").read_text())
+        for name, ap07 in metrics["AP_voc07"].items():
+            rows.append({"recipe": recipe, "class": name, "ground truth": str(metrics["num_positives"][name]),
+                         "AP (VOC07 11-pt)": 100 * ap07, "AP (VOC2010+)": 100 * metrics["AP_voc2010"][name]})
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     for r in rows:
-        cells = [f"{v:.1f}" if "mAP" in k else f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in r.items()]
+        cells = [f"{v:.1f}" if "AP" in k else f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in r.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -108,34 +141,46 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="a VOC dataset instead of the generated default one")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch workspaces")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change a base parameter (the value is read as YAML); repeatable")
+    parser.add_argument("--skip", action="append", default=[], metavar="TEXT",
+                        help="leave out the variants whose name contains TEXT; repeatable")
+    parser.add_argument("--workdir", type=Path, help="keep the workspaces in this folder; a later run with the "
+                        "same folder reuses them, and Luigi reruns only what changed")
     args = parser.parse_args(argv)
     base_params = yaml.safe_load((REPO / "params.yaml").read_text())
     if args.data_root:
         base_params["data"].update(root=str(Path(args.data_root).resolve()), on_error="skip")
-    scratch = Path(tempfile.mkdtemp(prefix="rcnn-ablation-"))
+    for assignment in args.set:
+        apply_setting(base_params, assignment)
+    variants = {name: v for name, v in VARIANTS.items() if not any(text in name for text in args.skip)}
+    scratch = args.workdir or Path(tempfile.mkdtemp(prefix="rcnn-ablation-"))
     try:
         base = scratch / "base"
-        base.mkdir()
+        base.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "luigi.cfg", base)
         write_params(base, base_params)
         print(f"full pipeline in {base} ...", flush=True)
         base_times = run_pipeline(base)
+        classes = per_class_rows(base, base_params["detect"]["recipes"])
         rows = []
-        for name, (recipe, changes) in VARIANTS.items():
-            folder = scratch / f"variant-{len(rows)}"
-            shutil.copytree(base, folder, copy_function=os.link)
+        for name, (recipe, changes) in variants.items():
+            folder = scratch / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            if not folder.exists():
+                shutil.copytree(base, folder, copy_function=os.link, ignore=shutil.ignore_patterns(TIMES))
             write_params(folder, variant_params(base_params, recipe, changes))
             print(f"variant {name!r} ...", flush=True)
             times = run_pipeline(folder)
             rows.append(row(name, folder, recipe, times, base_times, base_params["data"]["test_split"]))
     finally:
-        if not args.keep:
+        if not args.workdir:
             shutil.rmtree(scratch, ignore_errors=True)
-    table = markdown(rows)
     dataset = args.data_root or "the generated default dataset"
-    report = f"Ablations on {dataset} (test split), measured by `python -m bench.ablation`:\n\n{table}"
-    out = REPO / "features_cache" / "reports" / "ablation.md"
+    command = " ".join(["python -m bench.ablation", *(argv if argv is not None else sys.argv[1:])])
+    report = (f"Ablations on {dataset} (test split), measured by `{command}`:\n\n{markdown(rows)}\n"
+              f"Per-class AP of the full run:\n\n{markdown(classes)}")
+    name = f"ablation-{Path(args.data_root).resolve().name}.md" if args.data_root else "ablation.md"
+    out = REPO / "features_cache" / "reports" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report)

@@ -7,6 +7,9 @@
   byte-identical to an uninterrupted run, no temporary is read as the artifact, a rerun
   completes (and removes the killed run's temporaries), and a killed *rewrite* leaves the
   previous artifact as it was.
+- The feature stages (``features``, ``spp_features``) are killed the same way while they
+  append images and with the shard renamed but its timing file not yet written; the same
+  checks hold.
 - ``luigi ... Recall --local-scheduler`` (the data and sharded proposal stages) is killed mid-run; the rerun runs exactly the
   tasks that had not completed (stamps and outputs of the others untouched) and the
   artifacts equal a clean run's.
@@ -28,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -128,13 +132,34 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, proc: sub
         time.sleep(0.02)
 
 
-def progress(log: Path) -> int:
-    """Images written so far, from the stage's tqdm progress bar."""
-    done = re.findall(rf"\| *(\d+)/{IMAGES} \[", log.read_text(errors="replace")) if log.exists() else []
+@dataclass(frozen=True)
+class Target:
+    """A sharded stage run on shard 0 of the training split, and the file it writes."""
+
+    stage: str  # the command and the module of stages/ (whose write_text writes the timing file)
+    shard: Path
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.stage, "--split", SPLIT, "--shard", "0"]
+
+    @property
+    def timing(self) -> Path:
+        return layout.timing_file(self.shard)
+
+
+PROPOSAL_TARGET = Target("proposals", SHARD)
+FEATURE_TARGETS = [Target("features", layout.features_shard("rcnn", SPLIT, 0)),
+                   Target("spp_features", layout.spp_shard(SPLIT, 0))]
+
+
+def progress(log: Path, total: int) -> int:
+    """Units (images or regions) done so far, from the stage's tqdm progress bar."""
+    done = re.findall(rf"\| *(\d+)/{total} \[", log.read_text(errors="replace")) if log.exists() else []
     return max(map(int, done), default=0)
 
 
-# --- the proposal stage killed -----------------------------------------------------------------
+# --- sharded stages killed ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +173,28 @@ def crash_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes
     shutil.copytree(base, reference, symlinks=True)
     ok(stages_cli(reference, *PROPOSALS))
     return base, (reference / SHARD).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def feature_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes], dict[str, int]]:
+    """A project with proposals (ten per image) and, per feature stage, the shard of an uninterrupted run
+    and its progress-bar total. ImageNet features: no fine-tuning needed."""
+    params = crash_params()
+    params["proposals"]["max_boxes"] = 10
+    params["features"]["model"] = "imagenet"
+    root = tmp_path_factory.mktemp("crash-features")
+    base = project_copy(root / "base", params)
+    for argv in (["synthetic"], ["index"], PROPOSALS):
+        ok(stages_cli(base, *argv))
+    reference = root / "reference"
+    shutil.copytree(base, reference, symlinks=True)
+    shards, totals = {}, {}
+    for target in FEATURE_TARGETS:
+        ok(stages_cli(reference, *target.argv))
+        shards[target.stage] = (reference / target.shard).read_bytes()
+        timing = json.loads((reference / target.timing).read_text())
+        totals[target.stage] = timing["regions"] if target.stage == "features" else timing["images"]
+    return base, shards, totals
 
 
 # Kill points where the process kills itself: deterministic moments inside the write.
@@ -166,27 +213,29 @@ main({argv!r})
 SELF_KILL = {
     # the temporary is complete, closed and verified; the rename is next
     "complete-not-renamed": ("stages.store", "_verify", True),
-    # the shard is in place; its timing file is next
-    "renamed-no-timing": ("stages.proposals", "write_text", False),
+    # the shard is in place; its timing file is next (None: the target stage's module)
+    "renamed-no-timing": (None, "write_text", False),
 }
 KILL_POINTS = [0.3, 1.0, 2.0, "mid-write", *SELF_KILL]
 
 
-def killed_run(processes: Processes, folder: Path, point: float | str) -> subprocess.Popen:
-    """Start the stage and SIGKILL it at ``point``."""
-    log = folder / f"kill-{point}.log"
+def killed_run(processes: Processes, folder: Path, target: Target, point: float | str, total: int) -> subprocess.Popen:
+    """Start the stage and SIGKILL it at ``point`` (``mid-write``: a third of ``total`` done)."""
+    log = folder / f"kill-{target.stage}-{point}.log"
     if point in SELF_KILL:
         module, name, call_real = SELF_KILL[point]
-        args = [sys.executable, "-c", _SELF_KILL.format(module=module, name=name, call_real=call_real, argv=PROPOSALS)]
+        code = _SELF_KILL.format(module=module or f"stages.{target.stage}", name=name, call_real=call_real,
+                                 argv=target.argv)
+        args = [sys.executable, "-c", code]
     else:
-        args = [sys.executable, "-m", "stages", *PROPOSALS]
+        args = [sys.executable, "-m", "stages", *target.argv]
     proc = processes.start(folder, args, log)
     try:
         if isinstance(point, float):
             time.sleep(point)
         elif point == "mid-write":
-            wait_for(lambda: progress(log) >= IMAGES // 3, 60, "a third of the images to be written", proc)
-            assert progress(log) < IMAGES
+            wait_for(lambda: progress(log, total) >= total // 3, 120, f"a third of {target.stage}'s work", proc)
+            assert progress(log, total) < total
         else:
             proc.wait(timeout=120)
             assert proc.returncode == -signal.SIGKILL, log.read_text(errors="replace")
@@ -195,12 +244,12 @@ def killed_run(processes: Processes, folder: Path, point: float | str) -> subpro
     return proc
 
 
-def check_no_half_artifact(folder: Path, reference: bytes) -> list[Path]:
+def check_no_half_artifact(folder: Path, target: Target, reference: bytes) -> list[Path]:
     """The shard is absent or complete and identical; anything else is a hidden temporary. Returns those."""
-    out = folder / SHARD
+    out = folder / target.shard
     temporaries = []
     for path in out.parent.iterdir() if out.parent.exists() else []:
-        if path.name not in (SHARD.name, TIMING.name):
+        if path.name not in (out.name, target.timing.name):
             assert TEMPORARY.fullmatch(path.name), f"unexpected file {path.name}"
             temporaries.append(path)
     if out.exists():
@@ -208,9 +257,40 @@ def check_no_half_artifact(folder: Path, reference: bytes) -> list[Path]:
     else:
         with pytest.raises(ArtifactError, match="artifact not found"):
             PerImageReader.sharded(out.parent, 1)  # the readers never take a temporary for the shard
-    if (folder / TIMING).exists():
-        assert json.loads((folder / TIMING).read_text())["images"] == IMAGES
+    if (folder / target.timing).exists():
+        assert json.loads((folder / target.timing).read_text())["images"] == IMAGES
     return temporaries
+
+
+def kill_rerun_and_kill_again(processes: Processes, folder: Path, target: Target, point: float | str,
+                              reference: bytes, total: int) -> None:
+    """Kill a first run at ``point``, rerun to completion, then kill a rewrite at the same point."""
+    out = folder / target.shard
+    # 1. Killed on a first run: nothing, or the complete shard, at the final path.
+    proc = killed_run(processes, folder, target, point, total)
+    temporaries = check_no_half_artifact(folder, target, reference)
+    if point == "mid-write":
+        assert proc.returncode == -signal.SIGKILL
+        assert not out.exists() and any(p.name.endswith(".tmp.h5") for p in temporaries)
+    if point == "complete-not-renamed":
+        # A temporary that is complete (byte-identical, even) is still not the artifact.
+        assert not out.exists()
+        assert [p.read_bytes() == reference for p in temporaries if p.name.endswith(".tmp.h5")] == [True]
+    if point == "renamed-no-timing":
+        assert out.exists() and not (folder / target.timing).exists()
+        with PerImageReader.sharded(out.parent, 1) as reader:
+            assert len(reader) == IMAGES
+    # (after a fixed delay the run may also have finished on a fast machine: the checks hold all the same)
+
+    # 2. A rerun completes, gives the reference bytes and removes the killed run's temporaries.
+    ok(stages_cli(folder, *target.argv))
+    assert out.read_bytes() == reference
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, target.timing.name]
+
+    # 3. A rewrite killed at the same point leaves the previous artifact as it was.
+    killed_run(processes, folder, target, point, total)
+    check_no_half_artifact(folder, target, reference)
+    assert out.read_bytes() == reference
 
 
 @pytest.mark.parametrize("point", KILL_POINTS, ids=str)
@@ -218,32 +298,17 @@ def test_killed_proposal_stage_leaves_no_half_artifact(crash_project, tmp_path, 
     base, reference = crash_project
     folder = tmp_path / "ws"
     shutil.copytree(base, folder, symlinks=True)
+    kill_rerun_and_kill_again(processes, folder, PROPOSAL_TARGET, point, reference, IMAGES)
 
-    # 1. Killed on a first run: nothing, or the complete shard, at the final path.
-    proc = killed_run(processes, folder, point)
-    temporaries = check_no_half_artifact(folder, reference)
-    if point == "mid-write":
-        assert proc.returncode == -signal.SIGKILL
-        assert not (folder / SHARD).exists() and any(p.name.endswith(".tmp.h5") for p in temporaries)
-    if point == "complete-not-renamed":
-        # A temporary that is complete (byte-identical, even) is still not the artifact.
-        assert not (folder / SHARD).exists()
-        assert [p.read_bytes() == reference for p in temporaries if p.name.endswith(".tmp.h5")] == [True]
-    if point == "renamed-no-timing":
-        assert (folder / SHARD).exists() and not (folder / TIMING).exists()
-        with PerImageReader.sharded(folder / SHARD.parent, 1) as reader:
-            assert len(reader) == IMAGES
-    # (after a fixed delay the run may also have finished on a fast machine: the checks hold all the same)
 
-    # 2. A rerun completes, gives the reference bytes and removes the killed run's temporaries.
-    ok(stages_cli(folder, *PROPOSALS))
-    assert (folder / SHARD).read_bytes() == reference
-    assert sorted(p.name for p in (folder / SHARD).parent.iterdir()) == [SHARD.name, TIMING.name]
-
-    # 3. A rewrite killed at the same point leaves the previous artifact as it was.
-    killed_run(processes, folder, point)
-    check_no_half_artifact(folder, reference)
-    assert (folder / SHARD).read_bytes() == reference
+# "complete-not-renamed" is the shared writer's (stages.store), covered by the proposal stage's test.
+@pytest.mark.parametrize("point", ["mid-write", "renamed-no-timing"], ids=str)
+@pytest.mark.parametrize("target", FEATURE_TARGETS, ids=lambda t: t.stage)
+def test_killed_feature_stage_leaves_no_half_artifact(feature_project, tmp_path, processes, target, point):
+    base, references, totals = feature_project
+    folder = tmp_path / "ws"
+    shutil.copytree(base, folder, symlinks=True)
+    kill_rerun_and_kill_again(processes, folder, target, point, references[target.stage], totals[target.stage])
 
 
 def test_the_next_write_removes_stale_temporaries_of_its_target_only(tmp_path: Path) -> None:
