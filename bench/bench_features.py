@@ -35,8 +35,8 @@ import h5py
 import numpy as np
 import torch
 
-from bench.common import BCCD, Workspace, print_table
-from stages import features, layout, proposals, synth
+from bench.common import on_datasets, print_table
+from stages import features, layout, proposals
 from stages.config import Config, FeatureParams
 from stages.images import load_image
 from stages.store import PerImageReader
@@ -151,20 +151,7 @@ def measure(name: str, cfg: Config, split: str) -> dict:
 
 
 def main() -> list[dict]:
-    rows = []
-    with Workspace() as ws:
-        cfg = ws.config()
-        synth.run(cfg.synthetic, layout.SYNTHETIC)
-        ws.index(cfg)
-        rows.append(measure("generated default (test)", cfg, cfg.data.test_split))
-    if BCCD.is_dir():
-        with Workspace() as ws:
-            cfg = ws.config()
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(BCCD), on_error="skip"))
-            ws.index(cfg)
-            rows.append(measure("BCCD test", cfg, cfg.data.test_split))
-    else:
-        print(f"BCCD not found at {BCCD}: skipped")
+    rows = on_datasets(lambda name, cfg: measure(name, cfg, cfg.data.test_split))
     print(f"\nFeature stage ({IMAGES} test images, imagenet model, batch of regions as features.batch_size) vs the "
           f"bare forward pass (target >= 0.85) and a naive one-region loop (target >= 10x); stored bytes per "
           f"region vs float32 (target <= 0.5):")

@@ -14,7 +14,6 @@ recall stage's code on the stage's output.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bench.common import BCCD, Workspace, print_table
-from stages import layout, proposals, recall, synth
+from bench.common import on_datasets, print_table
+from stages import layout, proposals, recall
 from stages.config import Config
 from stages.images import load_image
 from stages.store import PerImageReader
@@ -74,20 +73,7 @@ def measure(name: str, cfg: Config, split: str) -> dict:
 
 
 def main() -> list[dict]:
-    rows = []
-    with Workspace() as ws:
-        cfg = ws.config()
-        synth.run(cfg.synthetic, layout.SYNTHETIC)
-        ws.index(cfg)
-        rows.append(measure("generated default (test)", cfg, cfg.data.test_split))
-    if BCCD.is_dir():
-        with Workspace() as ws:
-            cfg = ws.config()
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(BCCD), on_error="skip"))
-            ws.index(cfg)
-            rows.append(measure("BCCD test, fast mode", cfg, cfg.data.test_split))
-    else:
-        print(f"BCCD not found at {BCCD}: skipped")
+    rows = on_datasets(lambda name, cfg: measure(name, cfg, cfg.data.test_split), "BCCD test, fast mode")
     print(f"\nProposal stage, all {os.cpu_count()} cores vs one process calling OpenCV directly (target >= 1.8x):")
     print_table(rows)
     return rows

@@ -39,8 +39,8 @@ import h5py
 import numpy as np
 import torch
 
-from bench.common import BCCD, Workspace, print_table
-from stages import features, layout, proposals, spp_features, synth
+from bench.common import on_datasets, print_table
+from stages import features, layout, proposals, spp_features
 from stages.config import Config
 from stages.spp import pyramid_pool
 from stages.store import PerImageReader
@@ -121,20 +121,7 @@ def pooling(repeats: int = 5) -> list[dict]:
 
 
 def main() -> list[dict]:
-    rows = []
-    with Workspace() as ws:
-        cfg = ws.config()
-        synth.run(cfg.synthetic, layout.SYNTHETIC)
-        ws.index(cfg)
-        rows.append(measure("generated default (test)", cfg))
-    if BCCD.is_dir():
-        with Workspace() as ws:
-            cfg = ws.config()
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(BCCD), on_error="skip"))
-            ws.index(cfg)
-            rows.append(measure("BCCD test", cfg))
-    else:
-        print(f"BCCD not found at {BCCD}: skipped")
+    rows = on_datasets(measure)
     device = "cuda" if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"\nFeature stages on the first {IMAGES} test images, {device} (target SPP >= 20x faster than R-CNN):")
     print_table(rows)

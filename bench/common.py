@@ -1,12 +1,14 @@
 """Helpers shared by the benchmarks: a scratch workspace laid out like the repository, and tables."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-from stages import index, layout
+from stages import index, layout, synth
 from stages.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +34,26 @@ class Workspace:
 
     def index(self, cfg: Config) -> None:
         index.run(cfg.data, layout.INDEX, cfg.runtime.num_workers)
+
+
+def on_datasets(measure: Callable[[str, Config], dict], bccd_name: str = "BCCD test") -> list[dict]:
+    """``measure(name, cfg)`` in a fresh workspace on the generated default dataset, generated and
+    indexed, then on BCCD (indexed, ``on_error: skip``) when ``../shared/datasets/BCCD`` exists."""
+    rows = []
+    with Workspace() as ws:
+        cfg = ws.config()
+        synth.run(cfg.synthetic, layout.SYNTHETIC)
+        ws.index(cfg)
+        rows.append(measure("generated default (test)", cfg))
+    if BCCD.is_dir():
+        with Workspace() as ws:
+            cfg = ws.config()
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(BCCD), on_error="skip"))
+            ws.index(cfg)
+            rows.append(measure(bccd_name, cfg))
+    else:
+        print(f"BCCD not found at {BCCD}: skipped")
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:

@@ -34,7 +34,6 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
