@@ -21,6 +21,8 @@ In skip mode every id listed in a split file must be in that split's index or
 named in ``problems``: nothing is dropped silently. Where the subject survives
 the ``proposals`` stage then runs (``on_error: raise``, so any failure fails
 the test) and every image must get boxes inside it, in original coordinates.
+For the cases about image content (formats, colour modes, sizes, names) the
+R-CNN ``features`` stage then caches finite features for every region.
 """
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO, tiny_params, write_params
-from stages import index, layout, proposals
+from stages import features, index, layout, proposals
 from stages.config import Config, load_config
 from stages.store import PerImageReader
 from stages.voc import DataError
@@ -97,6 +100,9 @@ CASES = [
     Case("non_ascii_id",             None, 0, KEPT, 2, subject=NON_ASCII),
 ]  # fmt: skip
 CASE = {case.name: case for case in CASES}
+# Cases whose subject image is awkward to read or warp: the features stage runs on them too.
+FEATURE_CASES = {"png_content_named_jpg", "xml_says_jpg_file_is_png", "uppercase_extension", "grayscale_jpeg",
+                 "cmyk_jpeg", "huge_image_8000x6000", "tiny_image_8x8", "no_objects", "non_ascii_id"}
 CLASSES = ("cat", "dog")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,7 +414,8 @@ def test_raise_mode(case: Case, cfg: Config, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_skip_mode_then_proposals(case: Case, cfg: Config, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_skip_mode_then_proposals(case: Case, cfg: Config, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     root = build(case, tmp_path)
     out = layout.INDEX  # where the proposals stage reads it, relative to tmp_path
     if case.skip == FATAL:
@@ -453,12 +460,15 @@ def test_skip_mode_then_proposals(case: Case, cfg: Config, tmp_path: Path, capsy
         assert f"warning: skipped: {expected_problem(case, root)}" in err
 
     if case.skip == KEPT:
-        check_proposals(case, cfg, tmp_path)
+        check_proposals(case, cfg)
+    if case.name in FEATURE_CASES:
+        monkeypatch.setattr(features, "default_workers", lambda num_workers: 0)  # warp in this process
+        check_features(case, cfg)
 
 
-def check_proposals(case: Case, cfg: Config, tmp_path: Path) -> None:
+def check_proposals(case: Case, cfg: Config) -> None:
     split = case.proposal_split
-    out = tmp_path / "proposals.h5"
+    out = layout.proposals_shard(split, 0)
     proposals.run(cfg.proposals, "raise", split, 0, 1, out, num_workers=1)
     with PerImageReader([layout.index_file(split)]) as idx, PerImageReader([out]) as result:
         assert result.image_ids == idx.image_ids
@@ -474,6 +484,22 @@ def check_proposals(case: Case, cfg: Config, tmp_path: Path) -> None:
     timing = json.loads(layout.timing_file(out).read_text())
     assert timing["images"] == len(idx.image_ids)
     assert timing["cpu_seconds"] < 20  # the huge image is resized to max_side first: seconds, not minutes
+
+
+def check_features(case: Case, cfg: Config) -> None:
+    """ImageNet features of every proposal (and ground truth) of the proposal split: finite, none missing."""
+    split = case.proposal_split
+    out = layout.features_shard("rcnn", split, 0)
+    params = dataclasses.replace(cfg.features, model="imagenet")
+    features.run(params, cfg.finetune, split, 0, 1, cfg.data.train_split, out, num_workers=1)
+    with PerImageReader([layout.proposals_shard(split, 0)]) as boxes, PerImageReader([out]) as cached, \
+            PerImageReader([layout.index_file(split)]) as idx:
+        assert cached.image_ids == boxes.image_ids
+        for i, image_id in enumerate(cached.image_ids):
+            j = idx.image_ids.index(image_id)
+            gt = len(idx.rows("gt_boxes", j)) if split == cfg.data.train_split else 0
+            assert len(cached.rows("fc", i)) == len(boxes.rows("boxes", i)) + gt, image_id
+            assert np.isfinite(cached.rows("fc", i).astype(np.float32)).all(), image_id
 
 
 @pytest.mark.parametrize("name", ["truncated_jpeg", "split_file_not_utf8", "unreadable_annotation"])
