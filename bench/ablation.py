@@ -11,8 +11,10 @@ regressors and detections, "no box regression" only detection and evaluation.
 Times come from Luigi's per-task processing time; a stage a variant did not
 rerun keeps the time it took in the full run. "train s" adds up fine-tuning,
 the training split's feature caching and the post-hoc training stages of the
-variant's recipe; "test s/img" is the test split's feature caching plus
-detection, per test image. Writes the markdown table, and the per-class AP of
+variant's recipe; "SVM stage s" is the whole SVM stage (reading the cached
+features image by image included), "SVM fitting s" the liblinear fits alone
+(the sum over classes of ``svm_<recipe>.json``'s ``seconds``); "test s/img"
+is the test split's feature caching plus detection, per test image. Writes the markdown table, and the per-class AP of
 the full run, to ``features_cache/reports/ablation.md`` of the repository
 (``ablation-<dataset folder>.md`` with ``--data-root``) and prints it.
 ``--data-root`` runs the same on another VOC dataset (e.g. BCCD), ``--set
@@ -114,9 +116,11 @@ def row(name: str, folder: Path, recipe: str, times: dict[str, float], base_time
     seconds = {**base_times, **times}
     train = sum(seconds.get(t, 0.0) for t in TRAIN_TASKS[recipe])
     test = sum(seconds.get(t, 0.0) for t in TEST_TASKS[recipe]) / max(num_test, 1)
+    svm = json.loads((reports / f"svm_{recipe}.json").read_text())
+    svm_fit = sum(c.get("seconds", 0.0) for c in svm["classes"].values())
     return {"variant": name, "mAP (VOC07 11-pt)": 100 * metrics["mAP_voc07"],
             "mAP (VOC2010+)": 100 * metrics["mAP_voc2010"], "train s": train,
-            "SVM s": seconds.get(f"Svm:{recipe}", 0.0), "test s/img": test}
+            "SVM stage s": seconds.get(f"Svm:{recipe}", 0.0), "SVM fitting s": svm_fit, "test s/img": test}
 
 
 def per_class_rows(folder: Path, recipes: list[str]) -> list[dict]:
