@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import REPO
+from stages.atomic import write_text
 
 # variant: (recipe it is read from, params changes)
 VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
@@ -82,13 +83,14 @@ def run_pipeline(folder: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", RUNNER, str(new_times)], cwd=folder, env=env, check=True)
     times = {**(json.loads(times_file.read_text()) if times_file.exists() else {}), **json.loads(new_times.read_text())}
-    times_file.write_text(json.dumps(times, indent=2))
+    write_text(times_file, json.dumps(times, indent=2))
     new_times.unlink()
     return times
 
 
 def write_params(folder: Path, params: dict) -> None:
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """Replace (never edit in place: the file may be hard-linked into another workspace) params.yaml."""
+    write_text(folder / "params.yaml", yaml.safe_dump(params, sort_keys=False))
 
 
 def apply_setting(params: dict, assignment: str) -> None:
