@@ -14,8 +14,9 @@ the training split's feature caching and the post-hoc training stages of the
 variant's recipe; "SVM stage s" is the whole SVM stage (reading the cached
 features image by image included), "SVM fitting s" the liblinear fits alone
 (the sum over classes of ``svm_<recipe>.json``'s ``seconds``); "test s/img"
-is the test split's feature caching plus detection, per test image. Writes the markdown table, and the per-class AP of
-the full run, to ``features_cache/reports/ablation.md`` of the repository
+is the test split's feature caching plus detection, per test image. Writes the
+markdown table, and the per-class AP of the full run, to
+``features_cache/reports/ablation.md`` of the repository
 (``ablation-<dataset folder>.md`` with ``--data-root``) and prints it.
 ``--data-root`` runs the same on another VOC dataset (e.g. BCCD), ``--set
 SECTION.KEY=VALUE`` changes a base parameter (e.g. ``proposals.max_boxes=500``
@@ -82,7 +83,8 @@ def run_pipeline(folder: Path) -> dict[str, float]:
     times_file, new_times = folder / TIMES, folder / f"new-{TIMES}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", RUNNER, str(new_times)], cwd=folder, env=env, check=True)
-    times = {**(json.loads(times_file.read_text()) if times_file.exists() else {}), **json.loads(new_times.read_text())}
+    before = json.loads(times_file.read_text()) if times_file.exists() else {}
+    times = {**before, **json.loads(new_times.read_text())}
     write_text(times_file, json.dumps(times, indent=2))
     new_times.unlink()
     return times
@@ -186,9 +188,7 @@ def main(argv: list[str] | None = None) -> str:
     report = (f"Ablations on {dataset} (test split), measured by `{command}`:\n\n{markdown(rows)}\n"
               f"Per-class AP of the full run:\n\n{markdown(classes)}")
     name = f"ablation-{Path(args.data_root).resolve().name}.md" if args.data_root else "ablation.md"
-    out = REPO / "features_cache" / "reports" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    write_text(REPO / "features_cache" / "reports" / name, report)
     print(report)
     return report
 

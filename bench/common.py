@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: a scratch workspace laid out like the repository, and tables."""
+"""Helpers shared by the benchmarks: a scratch workspace laid out like the repository, the loop over the
+default dataset and BCCD, and tables."""
 from __future__ import annotations
 
 import dataclasses

@@ -53,7 +53,6 @@ BIN = Path(sys.executable).parent
 SPLIT = "trainval"
 SHARD = layout.proposals_shard(SPLIT, 0)
 TIMING = layout.timing_file(SHARD)
-PROPOSALS = ["proposals", "--split", SPLIT, "--shard", "0"]
 # A temporary of the shard or of its timing file (stages.atomic: mkstemp next to the target).
 TEMPORARY = re.compile(r"\.shard-0\.(h5\.[a-z0-9_]{8}\.tmp\.h5|timing\.json\.[a-z0-9_]{8}\.tmp)")
 IMAGES = 60
@@ -149,6 +148,7 @@ class Target:
 
 
 PROPOSAL_TARGET = Target("proposals", SHARD)
+PROPOSALS = PROPOSAL_TARGET.argv
 FEATURE_TARGETS = [Target("features", layout.features_shard("rcnn", SPLIT, 0)),
                    Target("spp_features", layout.spp_shard(SPLIT, 0))]
 

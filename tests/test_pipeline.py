@@ -18,7 +18,8 @@ from stages.provenance import code_files
 from conftest import REPO, tiny_params, write_params
 
 BIN = Path(sys.executable).parent
-SPLITS, SHARDS, RECIPES = ("trainval", "test"), (0,), ("rcnn", "sppnet")  # end-to-end runs: one shard (sharding: test_scale_out)
+# end-to-end runs use one shard (sharding is exercised by test_scale_out)
+SPLITS, SHARDS, RECIPES = ("trainval", "test"), (0,), ("rcnn", "sppnet")
 
 
 def per_shard(name: str) -> list[str]:
