@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import REPO
-from stages.atomic import write_text
+from stages.core.atomic import write_text
 
 # variant: (recipe it is read from, params changes)
 VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {

@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from bench.common import on_datasets, print_table
-from stages import features, layout, proposals
-from stages.config import Config, FeatureParams
-from stages.images import load_image
-from stages.store import PerImageReader
-from stages.warp import to_tensor_batch, warp_regions
+from stages import features, proposals
+from stages.core import layout
+from stages.core.config import Config, FeatureParams
+from stages.data.images import load_image
+from stages.core.store import PerImageReader
+from stages.ops.warp import to_tensor_batch, warp_regions
 
 IMAGES = 8
 NAIVE_REGIONS = 200

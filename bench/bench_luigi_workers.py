@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import REPO, Workspace, print_table
-from stages import layout
+from stages.core import layout
 
 # Run inside the workspace: schedule the given tasks with N Luigi workers, time only that.
 _BUILD = """

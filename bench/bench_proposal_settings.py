@@ -10,8 +10,9 @@ import dataclasses
 import json
 
 from bench.common import BCCD, Workspace, print_table
-from stages import layout, proposals, recall
-from stages.store import PerImageReader
+from stages.core import layout
+from stages import proposals, recall
+from stages.core.store import PerImageReader
 
 SETTINGS = {
     "fast, max_side 500 (default)": {},

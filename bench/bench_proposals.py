@@ -22,10 +22,11 @@ import cv2
 import numpy as np
 
 from bench.common import on_datasets, print_table
-from stages import layout, proposals, recall
-from stages.config import Config
-from stages.images import load_image
-from stages.store import PerImageReader
+from stages.core import layout
+from stages import proposals, recall
+from stages.core.config import Config
+from stages.data.images import load_image
+from stages.core.store import PerImageReader
 
 
 def baseline(cfg: Config, split: str) -> tuple[list[np.ndarray], float]:

@@ -40,10 +40,11 @@ import numpy as np
 import torch
 
 from bench.common import on_datasets, print_table
-from stages import features, layout, proposals, spp_features
-from stages.config import Config
-from stages.spp import pyramid_pool
-from stages.store import PerImageReader
+from stages import features, proposals, spp_features
+from stages.core import layout
+from stages.core.config import Config
+from stages.ops.spp import pyramid_pool
+from stages.core.store import PerImageReader
 
 IMAGES = 8
 FEATURE_DATASETS = ("pool", "fc", "scores")

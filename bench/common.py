@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from stages import index, layout, synth
-from stages.config import Config, load_config
+from stages import index, synthetic
+from stages.core import layout
+from stages.core.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
@@ -43,7 +44,7 @@ def on_datasets(measure: Callable[[str, Config], dict], bccd_name: str = "BCCD t
     rows = []
     with Workspace() as ws:
         cfg = ws.config()
-        synth.run(cfg.synthetic, layout.SYNTHETIC)
+        synthetic.run(cfg.synthetic, layout.SYNTHETIC)
         ws.index(cfg)
         rows.append(measure("generated default (test)", cfg))
     if BCCD.is_dir():

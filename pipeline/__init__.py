@@ -4,7 +4,7 @@ Each task only wires parameters, requirements and targets, then runs its
 ``command()`` through :func:`stages.__main__.execute`: the very command line
 that ``dvc.yaml`` gives ``python -m stages`` (a test checks they are equal), so
 both orchestrators call the same ``stages.<module>.run`` with the same
-arguments and write the same paths (:mod:`stages.layout`).
+arguments and write the same paths (:mod:`stages.core.layout`).
 
 Staleness: Luigi on its own calls a task complete as soon as its output exists.
 Here a task is complete only if its outputs exist *and* the stamp it wrote
@@ -25,10 +25,10 @@ from typing import Any
 
 import luigi
 
-from stages import layout
-from stages.atomic import write_text
-from stages.config import Config, as_dict, load_config
-from stages.provenance import code_version
+from stages.core import layout
+from stages.core.atomic import write_text
+from stages.core.config import Config, as_dict, load_config
+from stages.core.provenance import code_version
 
 STAMPS = layout.CACHE / ".luigi"
 

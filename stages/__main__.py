@@ -9,15 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages import layout
-from stages.config import PARAMS_FILE, Config, load_config
-from stages.errors import PipelineError
+from stages.core import layout
+from stages.core.config import PARAMS_FILE, Config, load_config
+from stages.core.errors import PipelineError
 
 
 def _synthetic(cfg: Config, args: argparse.Namespace) -> None:
-    from stages import synth
+    from stages import synthetic
 
-    synth.run(cfg.synthetic, layout.SYNTHETIC)
+    synthetic.run(cfg.synthetic, layout.SYNTHETIC)
 
 
 def _index(cfg: Config, args: argparse.Namespace) -> None:
@@ -115,13 +115,13 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _inspect(cfg: Config | None, args: argparse.Namespace) -> None:
-    from stages import inspect
+    from stages.tools import describe
 
-    print(inspect.describe(Path(args.path)))
+    print(describe.describe(Path(args.path)))
 
 
 def _show(cfg: Config, args: argparse.Namespace) -> None:
-    from stages import show
+    from stages.tools import show
 
     out = show.run(cfg.data.splits, cfg.sharding.num_shards, args.image, args.out, args.proposals, args.recipe,
                    cfg.evaluate.gallery_score if args.min_score is None else args.min_score)

@@ -5,7 +5,7 @@ cache (proposals and ground-truth rows alike, as in R-CNN) whose ``iou[:, c]``
 is above ``min_iou``. A sample's target is the ground-truth box of class ``c``
 in the same image (a row with ``gt_label == c``) that overlaps it most (ties:
 the first), encoded as R-CNN offsets ``tx, ty, tw, th``
-(:func:`stages.boxes.encode_boxes`) and standardised per class (mean and
+(:func:`stages.ops.boxes.encode_boxes`) and standardised per class (mean and
 standard deviation, the latter floored at :data:`STD_FLOOR`; R-CNN whitens with
 the full covariance instead).
 
@@ -22,7 +22,7 @@ scikit-learn leaves unregularised (R-CNN's ``rcnn_train_bbox_regressor`` appends
 column of ones to the features, so its bias is penalised by lambda like every
 weight). Prediction: ``deltas = ((feature_scale * pool) @ W[c] + b[c]) *
 target_std[c] + target_mean[c]``, decoded onto the proposal
-(:func:`stages.boxes.decode_boxes`). A class without samples is left
+(:func:`stages.ops.boxes.decode_boxes`). A class without samples is left
 untrained and returns its boxes unchanged.
 
 Memory: one pass over the images reads each image's rows; only the selected
@@ -50,11 +50,11 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from tqdm import tqdm
 
-from stages.boxes import as_boxes, box_area, box_iou, decode_boxes, encode_boxes
-from stages.config import BboxParams, as_dict
-from stages.featureset import FeatureSet
-from stages.provenance import code_version, file_digest
-from stages.store import ArtifactError, write_arrays
+from stages.ops.boxes import as_boxes, box_area, box_iou, decode_boxes, encode_boxes
+from stages.core.config import BboxParams, as_dict
+from stages.data.featureset import FeatureSet
+from stages.core.provenance import code_version, file_digest
+from stages.core.store import ArtifactError, write_arrays
 
 TARGET_NORM = 20.0  # mean L2 norm of the scaled pool features (R-CNN: 20)
 NORM_SAMPLE = 10000  # rows sampled to estimate the mean norm

@@ -16,7 +16,7 @@ proposal rows (``gt_label == -1``) are used:
 
 Outputs, over every image including those without detections:
 
-* ``out_path``: per-image HDF5 (:mod:`stages.store`), rows ``boxes (K, 4)
+* ``out_path``: per-image HDF5 (:mod:`stages.core.store`), rows ``boxes (K, 4)
   float32`` (continuous ``x1, y1, x2, y2``), ``scores (K,) float32``, ``labels
   (K,) int32`` (0-based index into ``classes``), ordered by class, then by
   decreasing score; attributes ``stage``, ``classes``, ``recipe``, ``split`` and the
@@ -45,14 +45,14 @@ import torch
 from torchvision.ops import nms
 from tqdm import tqdm
 
-from stages.atomic import atomic_path, write_text
+from stages.core.atomic import atomic_path, write_text
 from stages.bbox import BoxRegressor, load_bbox
-from stages.boxes import as_boxes, clip_boxes
-from stages.config import DetectParams, as_dict
-from stages.featureset import FeatureSet
-from stages.layout import timing_file
-from stages.provenance import code_version, file_digest
-from stages.store import ArtifactError, RowSpec, create_per_image
+from stages.ops.boxes import as_boxes, clip_boxes
+from stages.core.config import DetectParams, as_dict
+from stages.data.featureset import FeatureSet
+from stages.core.layout import timing_file
+from stages.core.provenance import code_version, file_digest
+from stages.core.store import ArtifactError, RowSpec, create_per_image
 from stages.svm import SvmModel, load_svm
 
 ROWS = {"boxes": RowSpec((4,), np.float32), "scores": RowSpec((), np.float32), "labels": RowSpec((), np.int32)}

@@ -12,7 +12,7 @@ devkit's rule: the best box is chosen among all boxes, taken or not, so a
 detection whose best box is taken is a duplicate even if another free box
 overlaps it enough. The positives of a class are its non-difficult boxes.
 
-IoU is continuous (:func:`stages.boxes.box_iou`): our ``x2 - x1`` is the
+IoU is continuous (:func:`stages.ops.boxes.box_iou`): our ``x2 - x1`` is the
 devkit's ``x2 - x1 + 1`` on its 1-based inclusive pixels, so the two agree.
 Ignored detections are left out of the precision/recall sequence; in the
 devkit they repeat the previous point (or make a ``0/0`` one at the start,
@@ -58,13 +58,13 @@ import numpy as np  # noqa: E402
 from cycler import cycler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from stages.atomic import atomic_dir, write_text  # noqa: E402
-from stages.boxes import box_iou  # noqa: E402
-from stages.config import EvaluateParams  # noqa: E402
-from stages.drawing import draw_detections, draw_ground_truth, image_axes, save  # noqa: E402
-from stages.images import load_image  # noqa: E402
-from stages.layout import index_file  # noqa: E402
-from stages.store import ArtifactError, PerImageReader  # noqa: E402
+from stages.core.atomic import atomic_dir, write_text  # noqa: E402
+from stages.ops.boxes import box_iou  # noqa: E402
+from stages.core.config import EvaluateParams  # noqa: E402
+from stages.tools.drawing import draw_detections, draw_ground_truth, image_axes, save  # noqa: E402
+from stages.data.images import load_image  # noqa: E402
+from stages.core.layout import index_file  # noqa: E402
+from stages.core.store import ArtifactError, PerImageReader  # noqa: E402
 
 TP, FP, IGNORED = 1, 0, -1  # outcome of one detection
 DETECTION_ROWS = ("boxes", "scores", "labels")

@@ -3,9 +3,9 @@
 Shard ``K`` covers the images of the proposal shard ``K``, in its order. An
 image's regions are its proposals in proposal order, then, on the training
 split only (``data.train_split``), its ground-truth boxes, difficult ones
-included (:func:`stages.featureset.image_regions`). Each region is dilated to
+included (:func:`stages.data.featureset.image_regions`). Each region is dilated to
 ``padding`` pixels of context and warped anisotropically to ``input_size``
-with the network's mean colour outside the image (:func:`stages.warp.warp_regions`),
+with the network's mean colour outside the image (:func:`stages.ops.warp.warp_regions`),
 normalised, and run through the network once: ``pool`` and ``fc`` are
 :meth:`Backbone.forward_features`, ``scores`` the softmax of the classifier on
 ``fc`` (column 0 = background).
@@ -19,7 +19,7 @@ its ``scores`` are meaningless (stored only to keep one format); use its
 ``pool``/``fc`` features.
 
 Output: ``features_cache/features/rcnn/<split>/shard-K.h5`` in the feature-cache
-format of :mod:`stages.featureset` (rows ``boxes``, ``gt_label``, ``iou``,
+format of :mod:`stages.data.featureset` (rows ``boxes``, ``gt_label``, ``iou``,
 ``pool``, ``fc``, ``scores``; per-image ``widths``, ``heights``; attributes
 ``classes``, ``split``, ``shard_index``, ``num_shards``, ``recipe`` = ``rcnn``,
 ``pool_dim``, ``fc_dim``, ``input_size``, ``padding``, ``model``, ``arch`` and
@@ -67,18 +67,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from stages.atomic import write_text
-from stages.config import FeatureParams, FinetuneParams, as_dict
-from stages.errors import PipelineError
-from stages.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
-from stages.images import load_image
-from stages.layout import FINETUNED_MODEL, index_file, proposals_shard, timing_file
-from stages.provenance import code_version, file_digest
-from stages.store import ArtifactError, PerImageReader, PerImageWriter, RowSpec, create_per_image
-from stages.warp import to_tensor_batch, warp_regions
+from stages.core.atomic import write_text
+from stages.core.config import FeatureParams, FinetuneParams, as_dict
+from stages.core.errors import PipelineError
+from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
+from stages.data.images import load_image
+from stages.core.layout import FINETUNED_MODEL, index_file, proposals_shard, timing_file
+from stages.core.provenance import code_version, file_digest
+from stages.core.store import ArtifactError, PerImageReader, PerImageWriter, RowSpec, create_per_image
+from stages.ops.warp import to_tensor_batch, warp_regions
 
 if TYPE_CHECKING:
-    from stages.backbones import Backbone
+    from stages.models.backbones import Backbone
 
 IMAGE_CACHE = 4  # decoded images (and their boxes) kept per loader worker
 FEATURES = ("pool", "fc", "scores")
@@ -137,7 +137,7 @@ def shard_images(index: PerImageReader, proposals: PerImageReader, with_gt: bool
 def read_regions(
     images: ShardImages, index: PerImageReader, proposals: PerImageReader, i: int
 ) -> dict[str, np.ndarray]:
-    """Rows ``boxes``, ``gt_label``, ``iou`` of the shard's image ``i`` (:func:`stages.featureset.image_regions`)."""
+    """Rows ``boxes``, ``gt_label``, ``iou`` of the shard's image ``i`` (:func:`stages.data.featureset.image_regions`)."""
     j = images.positions[i]
     return image_regions(proposals.rows("boxes", i), index.rows("gt_boxes", j), index.rows("gt_labels", j),
                          images.num_classes, images.with_gt)
@@ -221,7 +221,7 @@ def load_network(
     """The network of ``params.model`` with ``input_size`` and ``padding`` set, and digests of the files it read."""
     # Imported here, not at the top: each spawned loader worker imports this module for RegionChunks,
     # and torchvision (imported by the model code) would add about 2 s to every worker's start.
-    from stages.backbones import build_backbone
+    from stages.models.backbones import build_backbone
     from stages.finetune import load_model
 
     if params.model == "finetuned":
@@ -293,7 +293,7 @@ class RowBuffer:
 
 
 def output_rows(model: Backbone, params: FeatureParams, num_classes: int) -> dict[str, RowSpec]:
-    """The row datasets of a shard: :func:`stages.featureset.region_rows` and the network's outputs."""
+    """The row datasets of a shard: :func:`stages.data.featureset.region_rows` and the network's outputs."""
     return {
         **region_rows(num_classes),
         "pool": feature_row(model.pool_dim, params.precision, params.compression),

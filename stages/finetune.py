@@ -10,7 +10,7 @@ and the rest background, drawn uniformly over all images' windows (with
 replacement only when there are fewer such windows than the batch needs).
 Each window is dilated to ``padding`` pixels of context, warped
 anisotropically to ``input_size`` with the backbone's mean colour outside the
-image (:func:`stages.warp.warp_regions`), mirrored with probability 1/2 if
+image (:func:`stages.ops.warp.warp_regions`), mirrored with probability 1/2 if
 ``mirror``, and normalised with the backbone's mean and std.
 
 The backbone (``build_backbone(arch, weights)``) gets a fresh ``N + 1``-way
@@ -52,17 +52,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from stages.atomic import atomic_path, write_text
-from stages.backbones import Backbone, build_backbone
-from stages.boxes import as_boxes, box_iou
-from stages.config import FinetuneParams, as_dict
-from stages.errors import PipelineError
-from stages.images import load_image
-from stages.layout import index_file, proposals_dir
-from stages.provenance import code_version, file_digest
-from stages.sampling import CURVE_WINDOW, curve_rows, sample_batch
-from stages.store import PerImageReader, shard_path
-from stages.warp import to_tensor_batch, warp_regions
+from stages.core.atomic import atomic_path, write_text
+from stages.models.backbones import Backbone, build_backbone
+from stages.ops.boxes import as_boxes, box_iou
+from stages.core.config import FinetuneParams, as_dict
+from stages.core.errors import PipelineError
+from stages.data.images import load_image
+from stages.core.layout import index_file, proposals_dir
+from stages.core.provenance import code_version, file_digest
+from stages.ops.sampling import CURVE_WINDOW, curve_rows, sample_batch
+from stages.core.store import PerImageReader, shard_path
+from stages.ops.warp import to_tensor_batch, warp_regions
 
 IMAGE_CACHE = 8  # decoded images kept per loader worker
 

@@ -7,7 +7,7 @@ anything and lists every problem, with ``skip`` it drops the bad items, counts
 them, prints them and records them in the output. Later stages read only the
 index files, never the XML, so they all see the same validated images.
 
-Output per split: ``features_cache/index/<split>.h5`` (see :mod:`stages.store`):
+Output per split: ``features_cache/index/<split>.h5`` (see :mod:`stages.core.store`):
 ``image_ids``, ``paths`` (relative to ``data_root``), ``widths``, ``heights``
 ``(n,)``; rows ``gt_boxes (K, 4) float32``, ``gt_labels (K,) int32``,
 ``gt_difficult (K,) bool``; attributes ``classes``, ``data_root``, ``split``,
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stages.config import DataParams, as_dict
-from stages.provenance import code_version, files_digest
-from stages.store import RowSpec, create_per_image
-from stages.voc import (
+from stages.core.config import DataParams, as_dict
+from stages.core.provenance import code_version, files_digest
+from stages.core.store import RowSpec, create_per_image
+from stages.data.voc import (
     DataError,
     ImageRecord,
     Problems,

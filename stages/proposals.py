@@ -12,7 +12,7 @@ with a seed derived from ``proposals.seed`` and the image id, so the output of
 an image depends on nothing else: not on worker, shard or processing order.
 
 Output per shard: ``features_cache/proposals/<split>/shard-K.h5`` with rows
-``boxes (M, 4) float32`` per image (see :mod:`stages.store`), attributes
+``boxes (M, 4) float32`` per image (see :mod:`stages.core.store`), attributes
 ``split``, ``shard_index``, ``num_shards``, ``failed`` and the provenance; and
 ``shard-K.timing.json`` with the seconds spent (kept out of the HDF5 file so
 that file stays byte-identical between runs).
@@ -33,14 +33,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from stages.atomic import write_text
-from stages.boxes import as_boxes, clip_boxes, min_side, unique_boxes, xywh_to_xyxy
-from stages.config import ProposalParams, as_dict
-from stages.errors import PipelineError
-from stages.images import ImageError, load_image
-from stages.layout import index_file, timing_file
-from stages.provenance import code_version, file_digest
-from stages.store import PerImageReader, RowSpec, create_per_image
+from stages.core.atomic import write_text
+from stages.ops.boxes import as_boxes, clip_boxes, min_side, unique_boxes, xywh_to_xyxy
+from stages.core.config import ProposalParams, as_dict
+from stages.core.errors import PipelineError
+from stages.data.images import ImageError, load_image
+from stages.core.layout import index_file, timing_file
+from stages.core.provenance import code_version, file_digest
+from stages.core.store import PerImageReader, RowSpec, create_per_image
 
 ROWS = {"boxes": RowSpec((4,), np.float32)}
 _LIBC = ctypes.CDLL(None)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.atomic import write_text
-from stages.boxes import box_iou
-from stages.layout import index_file, proposals_dir, recall_curve, timing_file
-from stages.store import PerImageReader
+from stages.core.atomic import write_text
+from stages.ops.boxes import box_iou
+from stages.core.layout import index_file, proposals_dir, recall_curve, timing_file
+from stages.core.store import PerImageReader
 
 THRESHOLDS = (0.5, 0.7)
 CURVE_POINTS = (1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 3000, 5000, 10000)

@@ -5,14 +5,14 @@ The conv layers are ``build_backbone(finetune.arch, finetune.weights).features``
 connected layers, stage ``spp_finetune``). For each image of proposal shard
 ``K`` and each ``sppnet.scales`` entry the whole image is resized (bilinear;
 shorter side to the scale, longer side at most ``sppnet.max_side``,
-:func:`stages.spp.image_scales`), normalised with the backbone's mean and std
+:func:`stages.ops.spp.image_scales`), normalised with the backbone's mean and std
 and run through the conv layers once. Each box is pooled at one scale, the one
-where its area is closest to 224 x 224 (:func:`stages.spp.choose_scale`):
-projected onto that conv map (:func:`stages.spp.project_boxes`) and max-pooled
+where its area is closest to 224 x 224 (:func:`stages.ops.spp.choose_scale`):
+projected onto that conv map (:func:`stages.ops.spp.project_boxes`) and max-pooled
 into the ``sppnet.levels`` pyramid (:func:`stages.spp.pyramid_pool`).
 
 Output per shard: ``features_cache/spp/<split>/shard-K.h5``, a feature shard
-(:mod:`stages.featureset`) covering exactly the images of proposal shard ``K``
+(:mod:`stages.data.featureset`) covering exactly the images of proposal shard ``K``
 in the same order, with rows ``boxes``, ``gt_label``, ``iou`` (ground-truth
 rows on the training split only) and ``pool (M, C * sum(l * l))`` in
 ``features.precision``, gzip level ``features.compression``; per-image
@@ -44,15 +44,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.atomic import write_text
-from stages.backbones import Backbone, build_backbone
-from stages.config import FeatureParams, FinetuneParams, SppParams, as_dict
-from stages.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
-from stages.images import load_image
-from stages.layout import index_file, proposals_shard, timing_file
-from stages.provenance import code_version, file_digest
-from stages.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
-from stages.store import ArtifactError, PerImageReader, create_per_image
+from stages.core.atomic import write_text
+from stages.models.backbones import Backbone, build_backbone
+from stages.core.config import FeatureParams, FinetuneParams, SppParams, as_dict
+from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
+from stages.data.images import load_image
+from stages.core.layout import index_file, proposals_shard, timing_file
+from stages.core.provenance import code_version, file_digest
+from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
+from stages.core.store import ArtifactError, PerImageReader, create_per_image
 
 RECIPE = "sppnet"
 T = TypeVar("T")

@@ -46,13 +46,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from stages.atomic import atomic_path, write_text
-from stages.config import SppParams, as_dict
-from stages.errors import PipelineError
-from stages.sampling import CURVE_WINDOW, curve_rows, sample_batch
-from stages.layout import spp_dir
-from stages.provenance import code_version, file_digest
-from stages.store import PerImageReader
+from stages.core.atomic import atomic_path, write_text
+from stages.core.config import SppParams, as_dict
+from stages.core.errors import PipelineError
+from stages.ops.sampling import CURVE_WINDOW, curve_rows, sample_batch
+from stages.core.layout import spp_dir
+from stages.core.provenance import code_version, file_digest
+from stages.core.store import PerImageReader
 
 NORM_IMAGES = 16  # images whose rows estimate the mean feature norm
 

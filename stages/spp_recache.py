@@ -6,7 +6,7 @@ fc6-fc7 and fc8 (:func:`stages.spp_finetune.load_head`, eval mode, no dropout)
 in batches of :data:`BATCH_ROWS` rows.
 
 Output per shard: ``features_cache/features/sppnet/<split>/shard-K.h5``, the
-feature-cache format of :mod:`stages.featureset`, covering the same images in
+feature-cache format of :mod:`stages.data.featureset`, covering the same images in
 the same order: rows ``boxes``, ``gt_label``, ``iou`` and ``pool`` copied from
 the pyramid shard, ``fc (M, hidden)`` (fc7 after ReLU; ``features.precision``,
 gzip level ``features.compression``) and ``scores (M, C + 1) float32`` (softmax,
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.atomic import write_text
-from stages.config import FeatureParams
-from stages.featureset import IMAGE_DATASETS, feature_row, region_rows
-from stages.layout import spp_shard, timing_file
-from stages.provenance import code_version, file_digest
+from stages.core.atomic import write_text
+from stages.core.config import FeatureParams
+from stages.data.featureset import IMAGE_DATASETS, feature_row, region_rows
+from stages.core.layout import spp_shard, timing_file
+from stages.core.provenance import code_version, file_digest
 from stages.spp_finetune import SppHead, load_head
-from stages.store import ArtifactError, PerImageReader, create_per_image
+from stages.core.store import ArtifactError, PerImageReader, create_per_image
 
 RECIPE = "sppnet"
 BATCH_ROWS = 1024  # pyramids per pass through the fc layers: memory is bounded by this, not by regions per image

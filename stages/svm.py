@@ -75,12 +75,12 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from stages.atomic import write_text
-from stages.config import SvmParams, as_dict
-from stages.errors import PipelineError
-from stages.featureset import FeatureSet
-from stages.provenance import code_version, file_digest
-from stages.store import write_arrays
+from stages.core.atomic import write_text
+from stages.core.config import SvmParams, as_dict
+from stages.core.errors import PipelineError
+from stages.data.featureset import FeatureSet
+from stages.core.provenance import code_version, file_digest
+from stages.core.store import write_arrays
 
 NEVER_BIAS = -1000.0  # bias of a class that could not be trained: it never scores above any threshold
 NORM_IMAGES = 200  # images sampled to estimate the mean feature norm (rcnn_feature_stats.m)

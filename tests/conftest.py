@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import index, layout, synth
-from stages.config import Config, load_config
+from stages import index, synthetic
+from stages.core import layout
+from stages.core.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
@@ -51,7 +52,7 @@ def tiny_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.chdir(folder)
     try:
         cfg = load_config()
-        synth.run(cfg.synthetic, layout.SYNTHETIC)
+        synthetic.run(cfg.synthetic, layout.SYNTHETIC)
         index.run(cfg.data, layout.INDEX, num_workers=1)
     finally:
         os.chdir(cwd)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.atomic import OutputError, atomic_dir, atomic_path, write_text
-from stages.errors import PipelineError
+from stages.core.atomic import OutputError, atomic_dir, atomic_path, write_text
+from stages.core.errors import PipelineError
 
 
 def _names(folder: Path) -> list[str]:

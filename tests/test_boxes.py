@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.boxes import (
+from stages.ops.boxes import (
     as_boxes,
     box_area,
     box_iou,

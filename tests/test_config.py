@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stages.config import (
+from stages.core.config import (
     Config,
     ConfigError,
     DataParams,
@@ -17,7 +17,7 @@ from stages.config import (
     as_dict,
     load_config,
 )
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 REAL = Path(__file__).resolve().parent.parent / "params.yaml"
 RAW: dict[str, Any] = yaml.safe_load(REAL.read_text())

@@ -39,12 +39,13 @@ import h5py
 import pytest
 
 import pipeline
-from stages import layout, proposals
+from stages.core import layout
+from stages import proposals
 from stages.__main__ import main as cli_main
-from stages.atomic import OutputError, atomic_dir, atomic_path
-from stages.config import load_config
-from stages.errors import PipelineError
-from stages.store import ArtifactError, PerImageReader
+from stages.core.atomic import OutputError, atomic_dir, atomic_path
+from stages.core.config import load_config
+from stages.core.errors import PipelineError
+from stages.core.store import ArtifactError, PerImageReader
 
 from conftest import tiny_params
 from test_pipeline import artifacts, project_copy
@@ -53,7 +54,7 @@ BIN = Path(sys.executable).parent
 SPLIT = "trainval"
 SHARD = layout.proposals_shard(SPLIT, 0)
 TIMING = layout.timing_file(SHARD)
-# A temporary of the shard or of its timing file (stages.atomic: mkstemp next to the target).
+# A temporary of the shard or of its timing file (stages.core.atomic: mkstemp next to the target).
 TEMPORARY = re.compile(r"\.shard-0\.(h5\.[a-z0-9_]{8}\.tmp\.h5|timing\.json\.[a-z0-9_]{8}\.tmp)")
 IMAGES = 60
 
@@ -212,7 +213,7 @@ main({argv!r})
 """
 SELF_KILL = {
     # the temporary is complete, closed and verified; the rename is next
-    "complete-not-renamed": ("stages.store", "_verify", True),
+    "complete-not-renamed": ("stages.core.store", "_verify", True),
     # the shard is in place; its timing file is next (None: the target stage's module)
     "renamed-no-timing": (None, "write_text", False),
 }
@@ -301,7 +302,7 @@ def test_killed_proposal_stage_leaves_no_half_artifact(crash_project, tmp_path, 
     kill_rerun_and_kill_again(processes, folder, PROPOSAL_TARGET, point, reference, IMAGES)
 
 
-# "complete-not-renamed" is the shared writer's (stages.store), covered by the proposal stage's test;
+# "complete-not-renamed" is the shared writer's (stages.core.store), covered by the proposal stage's test;
 # each run here starts PyTorch twice (stage and loader worker), so SPP-net gets the one kill a user makes.
 FEATURE_KILLS = [(FEATURE_TARGETS[0], "mid-write"), (FEATURE_TARGETS[0], "renamed-no-timing"),
                  (FEATURE_TARGETS[1], "mid-write")]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from test_bbox import write_features
 
-from stages import detect, layout
+from stages import detect
+from stages.core import layout
 from stages.bbox import BoxRegressor
-from stages.config import DetectParams
-from stages.store import ArtifactError, PerImageReader
+from stages.core.config import DetectParams
+from stages.core.store import ArtifactError, PerImageReader
 from stages.svm import SvmModel
 
 CLASSES = ["a", "b"]

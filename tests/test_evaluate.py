@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import evaluate, layout
+from stages import evaluate
+from stages.core import layout
 from stages.evaluate import FP, IGNORED, TP, ImageResult, match_detections, match_image, summarize, voc_ap
-from stages.store import ArtifactError, PerImageReader, RowSpec, create_per_image
+from stages.core.store import ArtifactError, PerImageReader, RowSpec, create_per_image
 
 
 def image(gt=(), gt_labels=None, difficult=None, boxes=(), scores=(), labels=None) -> ImageResult:

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages import features, finetune, layout, proposals
-from stages.config import load_config
-from stages.featureset import CHUNK_ROWS, FeatureSet, class_iou
+from stages import features, finetune, proposals
+from stages.core import layout
+from stages.core.config import load_config
+from stages.data.featureset import CHUNK_ROWS, FeatureSet, class_iou
 from stages.features import FeatureError, RegionChunks, RowBuffer, read_regions, shard_images
-from stages.images import load_image
-from stages.store import ArtifactError, PerImageReader, create_per_image
-from stages.warp import to_tensor_batch, warp_regions
+from stages.data.images import load_image
+from stages.core.store import ArtifactError, PerImageReader, create_per_image
+from stages.ops.warp import to_tensor_batch, warp_regions
 
 MAX_BOXES = 9  # proposals per image: a handful of regions keeps every forward pass short
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages import finetune, layout, proposals
-from stages.errors import PipelineError
+from stages import finetune, proposals
+from stages.core import layout
+from stages.core.errors import PipelineError
 from stages.finetune import FinetuneError, batch_plan, label_windows, load_model
-from stages.sampling import SamplingError
+from stages.ops.sampling import SamplingError
 
 GT = np.array([[0, 0, 10, 10], [20, 0, 30, 10]], np.float32)
 GT_LABELS = np.array([3, 1], np.int32)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.errors import PipelineError
-from stages.images import ImageError, load_image
+from stages.core.errors import PipelineError
+from stages.data.images import ImageError, load_image
 
 # JPEG is lossy; flat colours come back within a couple of levels.
 JPEG_TOLERANCE = 2

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from stages import index
-from stages.config import DataParams
-from stages.store import PerImageReader
-from stages.voc import DataError
+from stages.core.config import DataParams
+from stages.core.store import PerImageReader
+from stages.data.voc import DataError
 
 # image id -> (width, height, [(name, xmin, ymin, xmax, ymax, difficult)]) in VOC 1-based inclusive pixels
 IMAGES = {

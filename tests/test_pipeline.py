@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from stages import layout
-from stages.provenance import code_files
+from stages.core import layout
+from stages.core.provenance import code_files
 
 from conftest import REPO, tiny_params, write_params
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import layout, proposals
-from stages.config import Config, ProposalParams
-from stages.images import load_image
+from stages.core import layout
+from stages import proposals
+from stages.core.config import Config, ProposalParams
+from stages.data.images import load_image
 from stages.proposals import ProposalError, filter_boxes, image_seed, selective_search, shard_slice
-from stages.store import PerImageReader
+from stages.core.store import PerImageReader
 
 
 def first_image(cfg: Config) -> np.ndarray:

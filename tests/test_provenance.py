@@ -9,8 +9,8 @@ from typing import Iterator
 
 import pytest
 
-from stages import provenance
-from stages.provenance import code_files, code_version, file_digest, files_digest
+from stages.core import provenance
+from stages.core.provenance import code_files, code_version, file_digest, files_digest
 
 
 @pytest.fixture()
@@ -25,56 +25,63 @@ def package_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
 
 def _names(module: str) -> list[str]:
-    return [p.name for p in code_files(module)]
+    """Code files of a module as paths below the package."""
+    return [p.relative_to(provenance.PACKAGE_DIR).as_posix() for p in code_files(module)]
 
 
 def test_code_files_of_index() -> None:
     names = _names("index")
-    for expected in ("index.py", "voc.py", "store.py", "atomic.py", "images.py", "boxes.py", "config.py"):
+    for expected in ("index.py", "data/voc.py", "core/store.py", "core/atomic.py", "data/images.py", "ops/boxes.py",
+                     "core/config.py"):
         assert expected in names
     assert "proposals.py" not in names
     assert "recall.py" not in names
     assert names == sorted(names)
-    assert all(p.parent == provenance.PACKAGE_DIR for p in code_files("index"))
 
 
 def test_code_files_exact_small_cases() -> None:
-    assert _names("boxes") == ["boxes.py"]  # torch is imported lazily and is not a stages module
-    assert _names("errors") == ["errors.py"]
-    assert _names("images") == ["errors.py", "images.py"]
-    assert _names("voc") == ["boxes.py", "errors.py", "images.py", "voc.py"]
-    assert _names("store") == ["atomic.py", "errors.py", "store.py"]
+    assert _names("ops.boxes") == ["ops/boxes.py"]  # torch is imported lazily
+    assert _names("core.errors") == ["core/errors.py"]
+    assert _names("data.images") == ["core/errors.py", "data/images.py"]
+    assert _names("core.store") == ["core/atomic.py", "core/errors.py", "core/store.py"]
+
+
+def test_package_markers_are_empty() -> None:
+    """Code versions leave ``__init__.py`` out, which is only right while they hold nothing."""
+    markers = list(provenance.PACKAGE_DIR.rglob("__init__.py"))
+    assert len(markers) >= 6
+    assert all(p.read_text() == "" for p in markers)
 
 
 def test_code_version_is_stable_hex() -> None:
     version = code_version("index")
     assert re.fullmatch(r"[0-9a-f]{64}", version)
     assert code_version("index") == version
-    assert code_version("boxes") != version
+    assert code_version("ops.boxes") != version
 
 
 def test_code_version_hand_computed_for_one_file() -> None:
-    path = provenance.PACKAGE_DIR / "errors.py"
-    expected = hashlib.sha256(b"errors.py\0" + path.read_bytes() + b"\0").hexdigest()
-    assert code_version("errors") == expected
+    path = provenance.PACKAGE_DIR / "core" / "errors.py"
+    expected = hashlib.sha256(b"core/errors.py\0" + path.read_bytes() + b"\0").hexdigest()
+    assert code_version("core.errors") == expected
 
 
 def test_code_version_follows_file_changes(package_copy: Path) -> None:
-    index_before, boxes_before, voc_before = code_version("index"), code_version("boxes"), code_version("voc")
-    with open(package_copy / "images.py", "a") as f:
+    index_before, boxes_before, voc_before = code_version("index"), code_version("ops.boxes"), code_version("data.voc")
+    with open(package_copy / "data" / "images.py", "a") as f:
         f.write("\n# a change\n")
     assert code_version("index") != index_before  # index -> voc -> images
-    assert code_version("voc") != voc_before
-    assert code_version("boxes") == boxes_before  # does not import images
+    assert code_version("data.voc") != voc_before
+    assert code_version("ops.boxes") == boxes_before  # does not import images
 
 
 def test_new_import_adds_a_code_file(package_copy: Path) -> None:
-    assert "recall.py" not in _names("boxes")
+    assert "recall.py" not in _names("ops.boxes")
     (package_copy / "extra.py").write_text("X = 1\n")
-    with open(package_copy / "boxes.py", "a") as f:
-        f.write("\nfrom stages.extra import X\nimport stages.errors\n")
+    with open(package_copy / "ops" / "boxes.py", "a") as f:
+        f.write("\nfrom stages.extra import X\nimport stages.core.errors\n")
     code_files.cache_clear()
-    assert _names("boxes") == ["boxes.py", "errors.py", "extra.py"]
+    assert _names("ops.boxes") == ["core/errors.py", "extra.py", "ops/boxes.py"]
 
 
 def test_file_digest_matches_hashlib(tmp_path: Path) -> None:

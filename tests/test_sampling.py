@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.sampling import SamplingError, curve_rows, sample_batch
+from stages.ops.sampling import SamplingError, curve_rows, sample_batch
 
 
 def test_sampler_proportions():

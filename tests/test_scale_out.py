@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from stages import layout
+from stages.core import layout
 
 from conftest import tiny_params
 from test_crash_safety import BIN, Processes, environment, luigi_command, task_events, wait_for

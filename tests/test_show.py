@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import layout, proposals, show
-from stages.errors import PipelineError
+from stages.core import layout
+from stages import proposals
+from stages.tools import show
+from stages.core.errors import PipelineError
 
 
 def test_show_draws_ground_truth_and_proposals(workspace, tiny_config):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
+from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
 
 
 def test_image_scales_shorter_side_then_longer_cap():

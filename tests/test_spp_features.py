@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import replace_section
 
-from stages import layout, proposals, spp_features
-from stages.backbones import build_backbone
-from stages.config import Config, load_config
-from stages.images import load_image
-from stages.spp import choose_scale, image_scales, project_boxes, pyramid_pool
-from stages.store import ArtifactError, PerImageReader
+from stages.core import layout
+from stages import proposals, spp_features
+from stages.models.backbones import build_backbone
+from stages.core.config import Config, load_config
+from stages.data.images import load_image
+from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_pool
+from stages.core.store import ArtifactError, PerImageReader
 
 LEVELS = (1, 2)
 CHANNELS = 112  # efficientnet_lite0's stride-16 map

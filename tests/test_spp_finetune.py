@@ -8,11 +8,12 @@ import pytest
 import torch
 from test_spp_features import spp_config, spp_upstream, spp_workspace  # noqa: F401 (fixtures)
 
-from stages import layout, spp_finetune, spp_recache
-from stages.config import load_config
-from stages.featureset import FeatureSet
+from stages.core import layout
+from stages import spp_finetune, spp_recache
+from stages.core.config import load_config
+from stages.data.featureset import FeatureSet
 from stages.spp_finetune import SppFinetuneError, SppHead, load_head, region_labels, sample_regions
-from stages.store import ArtifactError, PerImageReader
+from stages.core.store import ArtifactError, PerImageReader
 
 
 def test_region_labels_by_hand():

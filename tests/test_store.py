@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.atomic import OutputError
-from stages.store import (
+from stages.core.atomic import OutputError
+from stages.core.store import (
     FORMAT_VERSION,
     ArtifactError,
     PerImageReader,

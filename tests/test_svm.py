@@ -8,10 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
-from stages import layout, svm
-from stages.config import SvmParams
-from stages.featureset import IMAGE_DATASETS, FeatureSet, feature_row, region_rows
-from stages.store import create_per_image, shard_path
+from stages.core import layout
+from stages import svm
+from stages.core.config import SvmParams
+from stages.data.featureset import IMAGE_DATASETS, FeatureSet, feature_row, region_rows
+from stages.core.store import create_per_image, shard_path
 from stages.svm import HardNegativeMiner, SvmError, SvmModel, load_svm, objective
 
 SPLIT = "trainval"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.errors import PipelineError
-from stages.voc import (
+from stages.core.errors import PipelineError
+from stages.data.voc import (
     Annotation,
     DataError,
     Problems,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import load_image
-from stages.warp import context_boxes, to_tensor_batch, warp_regions
+from stages.data.images import load_image
+from stages.ops.warp import context_boxes, to_tensor_batch, warp_regions
 
 BLACK = (0, 0, 0)
 

@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.atomic import atomic_dir
-from stages.boxes import intersection_over_smaller
-from stages.config import ConfigError, SyntheticParams
-from stages.voc import VocObject, write_annotation
+from stages.core.atomic import atomic_dir
+from stages.ops.boxes import intersection_over_smaller
+from stages.core.config import ConfigError, SyntheticParams
+from stages.data.voc import VocObject, write_annotation
 
 CLASSES = ("cross", "disc", "rectangle", "ring", "triangle")
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 
 class OutputError(PipelineError, OSError):

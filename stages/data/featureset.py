@@ -1,7 +1,7 @@
 """Feature caches: the rows every feature stage writes, and the one reader every later stage uses.
 
 A feature shard (stages ``features``, ``spp_features``, ``spp_recache``) is a
-per-image artifact (:mod:`stages.store`) covering exactly the images of the
+per-image artifact (:mod:`stages.core.store`) covering exactly the images of the
 proposal shard with the same number, with these row datasets:
 
 =============  ===================  ===============================================================
@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.boxes import as_boxes, box_iou
-from stages.layout import features_dir
-from stages.store import ArtifactError, PerImageReader, RowSpec, shard_path
+from stages.ops.boxes import as_boxes, box_iou
+from stages.core.layout import features_dir
+from stages.core.store import ArtifactError, PerImageReader, RowSpec, shard_path
 
 CHUNK_ROWS = 64  # rows per compressed chunk: one image's read touches only a few chunks
 RECIPES = ("rcnn", "sppnet")

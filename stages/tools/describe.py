@@ -15,8 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from stages.errors import PipelineError
-from stages.store import PerImageReader
+from stages.core.errors import PipelineError
+from stages.core.store import PerImageReader
 
 MAX_ATTR_CHARS = 400
 

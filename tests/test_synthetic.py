@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import synth
-from stages.config import SyntheticParams, load_config
-from stages.images import load_image
-from stages.voc import Annotation, parse_annotation
+from stages import synthetic
+from stages.core.config import SyntheticParams, load_config
+from stages.data.images import load_image
+from stages.data.voc import Annotation, parse_annotation
 
 DEFAULTS = load_config("params.yaml").synthetic
 SMALL = dataclasses.replace(DEFAULTS, num_trainval=6, num_test=4)
@@ -30,21 +30,21 @@ def _split(root: Path, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("default") / "voc"
-    synth.run(DEFAULTS, out)
+    synthetic.run(DEFAULTS, out)
     return out
 
 
 def test_same_params_give_identical_bytes(tmp_path: Path) -> None:
-    synth.run(SMALL, tmp_path / "a")
-    synth.run(SMALL, tmp_path / "b")
+    synthetic.run(SMALL, tmp_path / "a")
+    synthetic.run(SMALL, tmp_path / "b")
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert len(first) == 2 * 10 + 2
     assert first == second
 
 
 def test_different_seeds_give_different_data(tmp_path: Path) -> None:
-    synth.run(SMALL, tmp_path / "a")
-    synth.run(dataclasses.replace(SMALL, seed=SMALL.seed + 1), tmp_path / "b")
+    synthetic.run(SMALL, tmp_path / "a")
+    synthetic.run(dataclasses.replace(SMALL, seed=SMALL.seed + 1), tmp_path / "b")
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert first.keys() == second.keys()
     for folder in ("JPEGImages", "Annotations"):
@@ -52,7 +52,7 @@ def test_different_seeds_give_different_data(tmp_path: Path) -> None:
 
 
 def test_splits_are_disjoint_and_cover_every_image(tmp_path: Path) -> None:
-    synth.run(SMALL, tmp_path)
+    synthetic.run(SMALL, tmp_path)
     trainval, test = _split(tmp_path, "trainval"), _split(tmp_path, "test")
     assert (len(trainval), len(test)) == (SMALL.num_trainval, SMALL.num_test)
     assert not set(trainval) & set(test)
@@ -70,20 +70,20 @@ def test_annotations_are_valid_voc(default_run: Path) -> None:
         for obj in ann.objects:
             x1, y1, x2, y2 = obj.box
             assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, (ann.filename, obj)
-            assert obj.name in synth.CLASSES
+            assert obj.name in synthetic.CLASSES
 
 
 def test_default_run_has_every_class_and_difficult_objects(default_run: Path) -> None:
     objects = [obj for ann in _annotations(default_run) for obj in ann.objects]
-    assert {obj.name for obj in objects} == set(synth.CLASSES)
+    assert {obj.name for obj in objects} == set(synthetic.CLASSES)
     difficult = sum(obj.difficult for obj in objects)
     assert 0 < difficult < len(objects) / 2
 
 
 def test_image_does_not_depend_on_dataset_size() -> None:
     bigger = dataclasses.replace(SMALL, num_trainval=SMALL.num_trainval + 5)
-    small_pixels, small_objects = synth.render_image(SMALL, 3)
-    big_pixels, big_objects = synth.render_image(bigger, 3)
+    small_pixels, small_objects = synthetic.render_image(SMALL, 3)
+    big_pixels, big_objects = synthetic.render_image(bigger, 3)
     assert (small_pixels == big_pixels).all() and small_objects == big_objects
 
 
@@ -91,7 +91,7 @@ def test_extreme_valid_params_work(tmp_path: Path) -> None:
     tiny = dataclasses.replace(
         SMALL, min_side=8, max_side=8, min_object_size=4, max_object_size=8, min_objects=1, max_objects=1, distractors=0
     )
-    synth.run(tiny, tmp_path)
+    synthetic.run(tiny, tmp_path)
     assert all(len(ann.objects) == 1 for ann in _annotations(tmp_path))
 
 
@@ -110,5 +110,5 @@ def test_extreme_valid_params_work(tmp_path: Path) -> None:
 def test_invalid_params_are_rejected_before_writing(tmp_path: Path, change: dict, key: str) -> None:
     params: SyntheticParams = dataclasses.replace(SMALL, **change)
     with pytest.raises(ValueError, match=rf"^synthetic\.{key}\b"):
-        synth.run(params, tmp_path / "voc")
+        synthetic.run(params, tmp_path / "voc")
     assert not (tmp_path / "voc").exists()

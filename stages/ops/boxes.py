@@ -3,7 +3,7 @@
 Convention everywhere in the project: boxes are ``(N, 4)`` float arrays
 ``x1, y1, x2, y2`` in continuous pixel coordinates, pixel ``i`` covering
 ``[i, i + 1)``; a box's width is ``x2 - x1``. Conversions to other conventions
-happen only at I/O (see :mod:`stages.voc`). Functions take and return NumPy
+happen only at I/O (see :mod:`stages.data.voc`). Functions take and return NumPy
 arrays; IoU is computed with :func:`torchvision.ops.box_iou`, imported on first
 use because importing torch takes seconds and most stages never need it.
 """

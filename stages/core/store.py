@@ -14,7 +14,7 @@ lists) and stage-specific extras. Sharded stages write one file per shard
 :class:`PerImageReader` presents the shards as one logical dataset.
 
 Files are written under a temporary name, closed, reopened to verify, and only
-then renamed into place (:mod:`stages.atomic`). No timestamps are stored, so the
+then renamed into place (:mod:`stages.core.atomic`). No timestamps are stored, so the
 same inputs give byte-identical files.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
-from stages.atomic import atomic_path
-from stages.errors import PipelineError
+from stages.core.atomic import atomic_path
+from stages.core.errors import PipelineError
 
 FORMAT_VERSION = 1
 STRING = h5py.string_dtype("utf-8")

@@ -7,7 +7,7 @@ the image take the mean colour. Here each region is a single
 :func:`cv2.warpAffine` from the image to the output square, with the mean as
 the constant border, so no padded copy of the image is ever made.
 
-Boxes follow :mod:`stages.boxes`: ``(N, 4)`` ``x1, y1, x2, y2`` in continuous
+Boxes follow :mod:`stages.ops.boxes`: ``(N, 4)`` ``x1, y1, x2, y2`` in continuous
 pixel coordinates, pixel ``i`` covering ``[i, i + 1)`` (its centre at ``i + 0.5``).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 import cv2
 import numpy as np
 
-from stages.boxes import as_boxes
+from stages.ops.boxes import as_boxes
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +94,7 @@ def to_tensor_batch(
 ) -> torch.Tensor:
     """``(N, S, S, 3)`` uint8 RGB -> ``(N, 3, S, S)`` float32 ``(x / 255 - mean) / std``.
 
-    ``mean`` and ``std`` are per-channel RGB in the 0..1 scale (:class:`stages.backbones.Backbone`).
+    ``mean`` and ``std`` are per-channel RGB in the 0..1 scale (:class:`stages.models.backbones.Backbone`).
     """
     import torch
 

@@ -4,7 +4,7 @@ SPP-net (He et al., ECCV 2014) runs the convolutional layers once per image and
 max-pools each proposal's window of the last conv map into a fixed pyramid of
 ``l x l`` grids (levels 6, 3, 2, 1: 50 bins), whatever the window's size.
 
-Conventions (:mod:`stages.boxes`): boxes are ``(N, 4)`` ``x1, y1, x2, y2`` in
+Conventions (:mod:`stages.ops.boxes`): boxes are ``(N, 4)`` ``x1, y1, x2, y2`` in
 continuous pixels of the image they are given in; a conv map of stride ``S``
 has cell ``j`` covering pixels ``[j * S, (j + 1) * S)``, so its receptive-field
 centre is at ``(j + 0.5) * S``. Cell ranges are ``(N, 4)`` int64
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.boxes import as_boxes, box_area
+from stages.ops.boxes import as_boxes, box_area
 
 SPP_AREA = 224 * 224  # multi-scale rule: a box is pooled at the scale where its area is closest to this
 BOX_CHUNK = 256  # boxes pooled at once: bounds the gathered bins to BOX_CHUNK * l * l * C values per level

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 # Large scans and aerial images are legitimate input; Pillow's decompression-bomb
 # guard (89 M pixels) would reject them with a warning promoted to an error later.

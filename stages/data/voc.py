@@ -1,7 +1,7 @@
 """PASCAL VOC layout: reading, validating and writing annotations.
 
 VOC XML stores 1-based inclusive pixel coordinates; the project uses continuous
-``x1, y1, x2, y2`` (see :mod:`stages.boxes`). The conversion happens here and
+``x1, y1, x2, y2`` (see :mod:`stages.ops.boxes`). The conversion happens here and
 nowhere else: ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``, so a box's
 width ``x2 - x1`` equals the devkit's ``xmax - xmin + 1``.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.boxes import as_boxes
-from stages.errors import PipelineError
-from stages.images import ImageError, load_image
+from stages.ops.boxes import as_boxes
+from stages.core.errors import PipelineError
+from stages.data.images import ImageError, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
 # Many annotation tools write a box edge one pixel past the image border; such

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 

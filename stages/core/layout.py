@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.store import shard_path
+from stages.core.store import shard_path
 
 CACHE = Path("features_cache")
 SYNTHETIC = CACHE / "synthetic"

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stages.errors import PipelineError
+from stages.core.errors import PipelineError
 
 CURVE_WINDOW = 10  # iterations averaged into each curve row
 
