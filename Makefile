@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run luigi test bench ablation clean
+.PHONY: install run luigi test test-quick bench ablation clean dvc.yaml
 
 install: $(STAMP)
 
@@ -27,11 +27,20 @@ luigi: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The tests not marked slow (pytest.ini): under 2 minutes on 2 cores.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-clean:
-	rm -rf features_cache/* .luigi
+# dvc.yaml is generated from the stage table (stages/table.py); regenerate after editing the table
+dvc.yaml: $(STAMP)
+	$(BIN)/python -m pipeline dvc-yaml > $@.tmp && mv $@.tmp $@
+
+# delete exactly the artifacts (what the table's stages write), run records and checkpoints
+clean: $(STAMP)
+	$(BIN)/python -m pipeline clean
 
 ablation: $(STAMP)
 	$(BIN)/python -m bench.ablation

@@ -4,8 +4,8 @@ The whole pipeline runs once with the project's ``params.yaml`` (both recipes)
 in a scratch workspace, through Luigi. Each variant then gets a hard-linked copy
 of that workspace (stage outputs are always replaced by rename, never edited
 in place, so the links are safe) with one parameter changed, and Luigi reruns
-exactly the stages that parameter reaches (its completeness signatures, see
-``pipeline/``): the "no fine-tuning" variant recomputes features, SVMs, box
+exactly the stages that parameter reaches (the record of completed work,
+``dvc.lock``): the "no fine-tuning" variant recomputes features, SVMs, box
 regressors and detections, "no box regression" only detection and evaluation.
 
 Times come from Luigi's per-task processing time; a stage a variant did not
@@ -13,7 +13,7 @@ rerun keeps the time it took in the full run. "train s" adds up fine-tuning,
 the training split's feature caching and the post-hoc training stages of the
 variant's recipe; "SVM stage s" is the whole SVM stage (reading the cached
 features image by image included), "SVM fitting s" the liblinear fits alone
-(the sum over classes of ``svm_<recipe>.json``'s ``seconds``); "test s/img"
+(the sum over classes of the seconds in the SVM model's run record); "test s/img"
 is the test split's feature caching plus detection, per test image. Writes the
 markdown table, and the per-class AP of the full run, to
 ``features_cache/reports/ablation.md`` of the repository
@@ -38,6 +38,8 @@ from pathlib import Path
 import yaml
 
 from bench.common import REPO
+from pipeline.project import scratch_project, write_params
+from stages.core import layout, runs
 from stages.core.atomic import write_text
 
 # variant: (recipe it is read from, params changes)
@@ -64,9 +66,9 @@ times = {}
 def record(task, seconds):
     cfg = pipeline.config()
     key = task.get_task_family()
-    if isinstance(task, pipeline.ShardTask):
+    if "split" in task.stage.fan_out:
         key += ":train" if task.split == cfg.data.train_split else ":test"
-    elif isinstance(task, pipeline.RecipeTask):
+    elif "recipe" in task.stage.fan_out:
         key += ":" + task.recipe
     times[key] = times.get(key, 0.0) + seconds
 ok = luigi.build([pipeline.RunAll()], local_scheduler=True, workers=1, log_level="WARNING")
@@ -81,7 +83,7 @@ TIMES = "task_seconds.json"  # per folder, never hard-linked: the seconds of eve
 def run_pipeline(folder: Path) -> dict[str, float]:
     """Run RunAll in ``folder``; the processing seconds of every task run there, this time or before."""
     times_file, new_times = folder / TIMES, folder / f"new-{TIMES}"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(folder)}
     subprocess.run([sys.executable, "-c", RUNNER, str(new_times)], cwd=folder, env=env, check=True)
     before = json.loads(times_file.read_text()) if times_file.exists() else {}
     times = {**before, **json.loads(new_times.read_text())}
@@ -90,9 +92,14 @@ def run_pipeline(folder: Path) -> dict[str, float]:
     return times
 
 
-def write_params(folder: Path, params: dict) -> None:
-    """Replace (never edit in place: the file may be hard-linked into another workspace) params.yaml."""
-    write_text(folder / "params.yaml", yaml.safe_dump(params, sort_keys=False))
+def variant_copy(base: Path, folder: Path) -> None:
+    """A copy of the base workspace whose artifacts are hard links (stages and DVC replace, never edit, them);
+    text files that DVC rewrites in place (dvc.lock) are copied, and DVC's state database is left out."""
+    def link_artifacts(src: str, dst: str) -> None:
+        big = Path(src).relative_to(base).parts[0] in ("features_cache",) or "cache" in Path(src).parts
+        (os.link if big else shutil.copy2)(src, dst)
+
+    shutil.copytree(base, folder, copy_function=link_artifacts, ignore=shutil.ignore_patterns(TIMES, "tmp"))
 
 
 def apply_setting(params: dict, assignment: str) -> None:
@@ -120,8 +127,8 @@ def row(name: str, folder: Path, recipe: str, times: dict[str, float], base_time
     seconds = {**base_times, **times}
     train = sum(seconds.get(t, 0.0) for t in TRAIN_TASKS[recipe])
     test = sum(seconds.get(t, 0.0) for t in TEST_TASKS[recipe]) / max(num_test, 1)
-    svm = json.loads((reports / f"svm_{recipe}.json").read_text())
-    svm_fit = sum(c.get("seconds", 0.0) for c in svm["classes"].values())
+    svm = json.loads((folder / runs.run_file(layout.svm_model(recipe))).read_text())
+    svm_fit = sum(c["seconds"] for c in svm["classes"].values())
     return {"variant": name, "mAP (VOC07 11-pt)": 100 * metrics["mAP_voc07"],
             "mAP (VOC2010+)": 100 * metrics["mAP_voc2010"], "train s": train,
             "SVM stage s": seconds.get(f"Svm:{recipe}", 0.0), "SVM fitting s": svm_fit, "test s/img": test}
@@ -165,8 +172,8 @@ def main(argv: list[str] | None = None) -> str:
     scratch = args.workdir or Path(tempfile.mkdtemp(prefix="rcnn-ablation-"))
     try:
         base = scratch / "base"
-        base.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "luigi.cfg", base)
+        if not base.exists():
+            scratch_project(base, base_params)
         write_params(base, base_params)
         print(f"full pipeline in {base} ...", flush=True)
         base_times = run_pipeline(base)
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> str:
         for name, (recipe, changes) in variants.items():
             folder = scratch / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
             if not folder.exists():
-                shutil.copytree(base, folder, copy_function=os.link, ignore=shutil.ignore_patterns(TIMES))
+                variant_copy(base, folder)
             write_params(folder, variant_params(base_params, recipe, changes))
             print(f"variant {name!r} ...", flush=True)
             times = run_pipeline(folder)

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import REPO, Workspace, print_table
+from pipeline.project import scratch_project
 from stages.core import layout
 
 # Run inside the workspace: schedule the given tasks with N Luigi workers, time only that.
@@ -43,7 +44,7 @@ print(json.dumps({"seconds": seconds, "ok": result.status == LuigiStatusCode.SUC
 
 
 def build(folder: Path, workers: int, what: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(folder)}
     result = subprocess.run([sys.executable, "-c", _BUILD, str(workers), what], cwd=folder, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0 or not result.stdout.strip():
@@ -62,13 +63,10 @@ def shards(folder: Path) -> dict[str, bytes]:
 def main() -> list[dict]:
     rows = []
     with Workspace() as ws:
-        prepared = ws.folder / "prepared"
-        prepared.mkdir()
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["runtime"]["num_workers"] = 1
         params["sharding"]["shards"] = [0, 1]
-        (prepared / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        shutil.copy(REPO / "luigi.cfg", prepared)
+        prepared = scratch_project(ws.folder / "prepared", params)
         build(prepared, 1, "index")  # Synthetic and Index: not timed
         images = params["synthetic"]["num_trainval"] + params["synthetic"]["num_test"]
 

@@ -10,11 +10,13 @@ standard deviation, the latter floored at :data:`STD_FLOOR`; R-CNN whitens with
 the full covariance instead).
 
 Features: the cached ``pool`` rows, multiplied by one constant
-``feature_scale`` so that their mean L2 norm is :data:`TARGET_NORM`, the mean
-being estimated on :data:`NORM_SAMPLE` rows of the split drawn with the fixed
-seed :data:`NORM_SEED` (R-CNN scales the pool5 features of its regressors with
-the same constant as the SVM features, norm 20). The scale matters because
-``ridge_lambda`` is absolute.
+``feature_scale`` so that their mean L2 norm is ``target_norm``, the mean
+being estimated on ``norm_sample`` rows drawn uniformly from all rows of the
+split with a generator seeded by ``seed``
+(:func:`stages.data.featureset.feature_scale`; R-CNN scales the pool5 features
+of its regressors with the same constant as the SVM features, norm 20; a
+cache whose sampled rows have no positive mean norm is an error). The scale
+matters because ``ridge_lambda`` is absolute.
 
 Each class gets one ridge regression for its four standardised targets,
 ``sklearn.linear_model.Ridge(alpha=ridge_lambda)`` with an intercept, which
@@ -25,9 +27,9 @@ target_std[c] + target_mean[c]``, decoded onto the proposal
 (:func:`stages.ops.boxes.decode_boxes`). A class without samples is left
 untrained and returns its boxes unchanged.
 
-Memory: one pass over the images reads each image's rows; only the selected
-training rows (each once, in the cached dtype) and the norm sample's norms are
-kept.
+Memory: one pass over the sampled images reads the norm sample's pool rows,
+then one pass over all images reads each image's rows; only the norms and the
+selected training rows (each once, in the cached dtype) are kept.
 
 Output: one HDF5 file with datasets ``weights (C, Dp, 4) float32``,
 ``biases (C, 4)``, ``target_mean (C, 4)``, ``target_std (C, 4)`` float32,
@@ -52,13 +54,10 @@ from tqdm import tqdm
 
 from stages.ops.boxes import as_boxes, box_area, box_iou, decode_boxes, encode_boxes
 from stages.core.config import BboxParams, as_dict
-from stages.data.featureset import FeatureSet
+from stages.data.featureset import FeatureSet, feature_scale
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, write_arrays
 
-TARGET_NORM = 20.0  # mean L2 norm of the scaled pool features (R-CNN: 20)
-NORM_SAMPLE = 10000  # rows sampled to estimate the mean norm
-NORM_SEED = 0  # seed of that sample
 STD_FLOOR = 1e-6  # smallest target standard deviation
 
 
@@ -126,8 +125,7 @@ class Samples:
     """The selected training rows of a split, each row once, and which class uses which row.
 
     ``pool (N, Dp)`` in the cached dtype, ``boxes (N, 4)``, ``is_gt (N,)``;
-    per class ``rows[c]`` indices into them and ``targets[c] (N_c, 4)`` ground-truth boxes;
-    ``mean_norm`` the mean L2 norm of the sampled rows' pool features (0 without rows).
+    per class ``rows[c]`` indices into them and ``targets[c] (N_c, 4)`` ground-truth boxes.
     """
 
     pool: np.ndarray
@@ -135,13 +133,6 @@ class Samples:
     is_gt: np.ndarray
     rows: list[np.ndarray]
     targets: list[np.ndarray]
-    mean_norm: float
-
-
-def norm_sample_rows(total: int) -> np.ndarray:
-    """Sorted global row numbers (out of ``total``) whose pool norms estimate the mean norm."""
-    rng = np.random.default_rng(NORM_SEED)
-    return np.sort(rng.choice(total, size=min(total, NORM_SAMPLE), replace=False))
 
 
 def image_targets(
@@ -170,11 +161,9 @@ def image_targets(
 
 
 def collect_samples(features: FeatureSet, min_iou: float) -> Samples:
-    """Read the split once, keeping the training rows of every class and the norm sample's norms."""
+    """Read the split once, keeping the training rows of every class."""
     num_classes = len(features.classes)
-    offsets = np.concatenate([[0], np.cumsum(features.counts())])
-    picks = norm_sample_rows(int(offsets[-1]))
-    pools, boxes_kept, is_gt, norms = [], [], [], []
+    pools, boxes_kept, is_gt = [], [], []
     rows: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     targets: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     count = 0
@@ -182,19 +171,15 @@ def collect_samples(features: FeatureSet, min_iou: float) -> Samples:
         boxes, labels = as_boxes(features.rows("boxes", i)), features.rows("gt_label", i)
         where = f"{features.paths[0].parent} image {features.image_ids[i]}"
         chosen, per_class = image_targets(boxes, labels, features.rows("iou", i), min_iou, where)
-        sampled = picks[np.searchsorted(picks, offsets[i]):np.searchsorted(picks, offsets[i + 1])] - offsets[i]
-        if len(chosen) == 0 and len(sampled) == 0:
+        if len(chosen) == 0:
             continue
-        pool = features.rows("pool", i)
-        norms.append(np.linalg.norm(pool[sampled].astype(np.float64), axis=1))
-        pools.append(pool[chosen])
+        pools.append(features.rows("pool", i)[chosen])
         boxes_kept.append(boxes[chosen])
         is_gt.append(labels[chosen] >= 0)
         for c, positions, gt in per_class:
             rows[c].append(count + positions)
             targets[c].append(gt)
         count += len(chosen)
-    norms_all = np.concatenate(norms) if norms else np.zeros(0)
     dim = features.dim("pool")
     return Samples(
         pool=np.concatenate(pools) if pools else np.zeros((0, dim), np.float32),
@@ -202,7 +187,6 @@ def collect_samples(features: FeatureSet, min_iou: float) -> Samples:
         is_gt=np.concatenate(is_gt) if is_gt else np.zeros(0, bool),
         rows=[np.concatenate(r) if r else np.zeros(0, np.int64) for r in rows],
         targets=[np.concatenate(t) if t else np.zeros((0, 4), np.float32) for t in targets],
-        mean_norm=float(norms_all.mean()) if len(norms_all) else 0.0,
     )
 
 
@@ -243,10 +227,14 @@ def class_stats(model: BoxRegressor, c: int, samples: Samples, pool: np.ndarray)
     return stats
 
 
-def train(samples: Samples, classes: list[str], ridge_lambda: float) -> tuple[BoxRegressor, list[dict[str, Any]]]:
-    """Fit every class with samples; return the model and per-class :func:`class_stats`."""
+def train(
+    samples: Samples, classes: list[str], ridge_lambda: float, scale: float
+) -> tuple[BoxRegressor, list[dict[str, Any]]]:
+    """Fit every class that has samples, on its pool features times ``scale``.
+
+    Returns the model and the per-class :func:`class_stats`.
+    """
     num_classes, dim = len(classes), samples.pool.shape[1]
-    scale = TARGET_NORM / samples.mean_norm if samples.mean_norm > 0 else 1.0
     model = BoxRegressor(
         weights=np.zeros((num_classes, dim, 4), np.float32), biases=np.zeros((num_classes, 4), np.float32),
         target_mean=np.zeros((num_classes, 4), np.float32), target_std=np.ones((num_classes, 4), np.float32),
@@ -270,9 +258,10 @@ def run(params: BboxParams, recipe: str, train_split: str, num_shards: int, out_
     """Train the box regressors of ``recipe`` on the feature cache of ``train_split``; write them to ``out_path``."""
     with FeatureSet(recipe, train_split, num_shards) as features:
         classes = features.classes
+        scale = feature_scale(features, "pool", params.target_norm, params.seed, params.norm_sample).scale
         samples = collect_samples(features, params.min_iou)
         inputs = {str(p): file_digest(p) for p in features.paths}
-    model, stats = train(samples, classes, params.ridge_lambda)
+    model, stats = train(samples, classes, params.ridge_lambda, scale)
     for name, s in zip(classes, stats):
         change = f"mean IoU {s['iou_before']:.3f} -> {s['iou_after']:.3f}" if s["proposals"] else "no proposal samples"
         print(f"bbox {recipe} {name}: {s['samples']} samples ({s['proposals']} proposals), {change}", flush=True)

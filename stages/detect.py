@@ -45,12 +45,12 @@ import torch
 from torchvision.ops import nms
 from tqdm import tqdm
 
-from stages.core.atomic import atomic_path, write_text
+from stages.core import runs
+from stages.core.atomic import atomic_path
 from stages.bbox import BoxRegressor, load_bbox
 from stages.ops.boxes import as_boxes, clip_boxes
 from stages.core.config import DetectParams, as_dict
 from stages.data.featureset import FeatureSet
-from stages.core.layout import timing_file
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, RowSpec, create_per_image
 from stages.svm import SvmModel, load_svm
@@ -204,5 +204,5 @@ def run(
         images, seconds = len(features), time.perf_counter() - start
     per_image = seconds / max(images, 1)
     timing = {"images": images, "wall_seconds": round(seconds, 3), "seconds_per_image": round(per_image, 6)}
-    write_text(timing_file(out_path), json.dumps(timing, indent=2) + "\n")
+    runs.record(out_path, timing)
     print(f"detect {recipe} {test_split}: {total} detections in {images} images, {per_image:.4f} s/image", flush=True)

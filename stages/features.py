@@ -51,7 +51,6 @@ pinned, non-blocking copies; outputs are cast to float32 on the CPU, then to
 """
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
@@ -67,12 +66,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from stages.core.atomic import write_text
+from stages.core import runs
+from stages.core.device import autocast, pick_device
 from stages.core.config import FeatureParams, FinetuneParams, as_dict
 from stages.core.errors import PipelineError
 from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
 from stages.data.images import load_image
-from stages.core.layout import FINETUNED_MODEL, index_file, proposals_shard, timing_file
+from stages.core.layout import FINETUNED_MODEL, index_file, proposals_shard
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, PerImageReader, PerImageWriter, RowSpec, create_per_image
 from stages.ops.warp import to_tensor_batch, warp_regions
@@ -238,20 +238,13 @@ def load_network(
     return model, {"weights": file_digest(finetune.weights)}
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def forward(model: Backbone, x: torch.Tensor, device: torch.device, precision: str) -> dict[str, np.ndarray]:
     """``(n, 3, S, S)`` regions -> ``pool (n, Dp)``, ``fc (n, Df)`` in ``precision`` and ``scores (n, C + 1)`` float32.
 
     Call under :func:`torch.inference_mode` with ``model`` on ``device`` in eval mode.
     """
-    amp = _autocast_dtype(device)
     x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with autocast(device):
         pool, fc = model.forward_features(x)
         logits = model.classifier(fc)
     scores = torch.softmax(logits.float(), dim=1)
@@ -302,13 +295,6 @@ def output_rows(model: Backbone, params: FeatureParams, num_classes: int) -> dic
     }
 
 
-def _check_shard(proposals: PerImageReader, shard: int, num_shards: int) -> None:
-    written = (int(proposals.attrs.get("shard_index", -1)), int(proposals.attrs.get("num_shards", -1)))
-    if written != (shard, num_shards):
-        raise ArtifactError(f"{proposals.paths[0]}: written as shard {written[0]} of {written[1]}, expected shard "
-                            f"{shard} of {num_shards} (stale artifact; rerun the proposals stage)")
-
-
 def default_workers(num_workers: int) -> int:
     """Loader processes: ``num_workers``, or when 0 one per core except the main process's (at least one)."""
     return num_workers if num_workers > 0 else max(1, (os.cpu_count() or 1) - 1)
@@ -318,7 +304,7 @@ def chunk_outputs(
     model: Backbone, images: ShardImages, params: FeatureParams, num_workers: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """The :func:`forward` outputs of every chunk of the shard's regions, in order, warped by loader workers."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     # channels_last: 1.6x faster depthwise convolutions on the CPU, and what tensor cores want on CUDA
     model.to(device, memory_format=torch.channels_last).eval()
     chunks = RegionChunks(images, params.batch_size, model.input_size, model.padding, model.mean, model.std)
@@ -363,7 +349,7 @@ def run(
     wall = time.perf_counter()
     index_path, proposals_path = index_file(split), proposals_shard(split, shard)
     with PerImageReader([index_path]) as index, PerImageReader([proposals_path]) as proposals:
-        _check_shard(proposals, shard, num_shards)
+        proposals.check_shards(num_shards, [shard])
         classes = [str(c) for c in index.json_attr("classes")]
         images = shard_images(index, proposals, with_gt=split == train_split)
         model, model_inputs = load_network(params, finetune, classes)
@@ -398,4 +384,4 @@ def run(
     wall = time.perf_counter() - wall
     timing = {"images": len(images.image_ids), "regions": images.num_regions, "wall_seconds": wall,
               "regions_per_second": images.num_regions / wall}
-    write_text(timing_file(out_path), json.dumps(timing, indent=2) + "\n")
+    runs.record(out_path, timing)

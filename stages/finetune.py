@@ -14,32 +14,28 @@ image (:func:`stages.ops.warp.warp_regions`), mirrored with probability 1/2 if
 ``mirror``, and normalised with the backbone's mean and std.
 
 The backbone (``build_backbone(arch, weights)``) gets a fresh ``N + 1``-way
-classifier and is trained with SGD (momentum, weight decay), a step learning
-rate and cross-entropy; on CUDA under autocast (bfloat16, or float16 with a
-gradient scaler), on the CPU in float32.
+classifier and is trained with cross-entropy by the training engine
+(:func:`stages.core.engine.train`: SGD with momentum and weight decay, a step
+learning rate, autocast on CUDA, float32 on the CPU, checkpoints every
+``checkpoint_every`` iterations from which a rerun resumes to the same bytes).
 
 Data loading: batch ``b`` is fully described by ``(seed, b)`` (its windows and
 mirror flags come from a generator seeded with both), so the loss curve does
-not depend on the number or scheduling of loader workers. Worker processes are
-spawned (a fork of a process whose torch/OpenCV thread pools already run can
-deadlock) and decode each image on demand, once per batch however many of its
-windows the batch holds, with a small LRU cache; only the window table (boxes,
-image numbers, labels; shared with the workers through torch's shared memory)
-is held for the whole split, never the images.
+not depend on the number or scheduling of loader workers, and a resumed run
+sees the batches an uninterrupted one would. Loader workers decode each image
+on demand, once per batch however many of its windows the batch holds, with a
+small LRU cache; only the window table (boxes, image numbers, labels; shared
+with spawned workers through torch's shared memory) is held for the whole
+split, never the images.
 
 Outputs: the model file (``torch.save`` of a dict: ``arch``, ``classes``,
 ``num_classes``, ``input_size``, ``padding``, ``mean``, ``std``,
 ``state_dict``, plus ``params``, ``code_version`` and ``inputs`` digests for
-provenance), read back with :func:`load_model`; and the training curve CSV
-``iteration,loss,accuracy`` (means over the last :data:`CURVE_WINDOW`
-iterations, one row every ``max(1, iterations // 200)`` iterations and at the
-last).
+provenance), read back with :func:`load_model`; and the engine's training
+curve CSV ``iteration,loss,accuracy``.
 """
 from __future__ import annotations
 
-import math
-import multiprocessing
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,19 +44,17 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from stages.core.atomic import atomic_path, write_text
+from stages.core.engine import Checkpointing, Schedule, single_threaded_worker, train, write_torch
 from stages.models.backbones import Backbone, build_backbone
 from stages.ops.boxes import as_boxes, box_iou
 from stages.core.config import FinetuneParams, as_dict
 from stages.core.errors import PipelineError
 from stages.data.images import load_image
-from stages.core.layout import index_file, proposals_dir
+from stages.core.layout import checkpoint_file, index_file, proposals_dir
 from stages.core.provenance import code_version, file_digest
-from stages.ops.sampling import CURVE_WINDOW, curve_rows, sample_batch
+from stages.ops.sampling import assign_labels, sample_batch
 from stages.core.store import PerImageReader, shard_path
 from stages.ops.warp import to_tensor_batch, warp_regions
 
@@ -72,20 +66,6 @@ class FinetuneError(PipelineError, ValueError):
 
 
 # --- windows -------------------------------------------------------------------------------------
-
-
-def label_windows(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, fg_iou: float) -> np.ndarray:
-    """``(M,)`` int64 labels: ``gt_labels[j] + 1`` of the best-overlapping ground truth ``j`` if IoU >= ``fg_iou``, else 0.
-
-    Ties in IoU go to the first ground-truth box.
-    """
-    boxes = as_boxes(boxes)
-    if len(gt_boxes) == 0 or len(boxes) == 0:
-        return np.zeros(len(boxes), dtype=np.int64)
-    iou = box_iou(boxes, as_boxes(gt_boxes))
-    best = iou.argmax(axis=1)
-    foreground = iou[np.arange(len(boxes)), best] >= fg_iou
-    return np.where(foreground, np.asarray(gt_labels, dtype=np.int64)[best] + 1, 0)
 
 
 @dataclass
@@ -111,7 +91,7 @@ class Windows:
 
 
 def collect_windows(index: PerImageReader, proposals: PerImageReader, fg_iou: float) -> Windows:
-    """Every proposal and every ground-truth box of every image of ``index``, labelled (:func:`label_windows`)."""
+    """Every proposal and every ground-truth box of every image of ``index``, labelled by their best ground truth."""
     proposals.require_images_of(index)
     root = Path(index.attrs["data_root"])
     paths, boxes, images, labels = [], [], [], []
@@ -121,7 +101,7 @@ def collect_windows(index: PerImageReader, proposals: PerImageReader, fg_iou: fl
         paths.append(str(root / index.value("paths", i)))
         boxes.append(windows)
         images.append(np.full(len(windows), i, dtype=np.int32))
-        labels.append(label_windows(windows, gt_boxes, gt_labels, fg_iou))
+        labels.append(assign_labels(box_iou(windows, gt_boxes), gt_labels, fg_iou))
     return Windows(
         paths,
         torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)),
@@ -156,9 +136,6 @@ class WindowBatches(Dataset):
         self.background = torch.from_numpy(windows.background)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def __len__(self) -> int:
-        return self.params.iterations
-
     def image(self, i: int) -> np.ndarray:
         if i in self._cache:
             self._cache.move_to_end(i)
@@ -182,9 +159,9 @@ class WindowBatches(Dataset):
         return to_tensor_batch(regions, self.mean, self.std), labels
 
 
-def _init_worker(_: int) -> None:
+def _init_worker(worker: int) -> None:
     cv2.setNumThreads(1)
-    torch.set_num_threads(1)  # parallelism comes from the worker processes
+    single_threaded_worker(worker)
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -212,82 +189,41 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ba
     return model.eval()
 
 
-def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Autocast dtype (None: float32) and whether a gradient scaler is needed."""
-    if device.type != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
 def run(
     params: FinetuneParams,
-    split: str,
+    train_split: str,
     num_shards: int,
     model_path: Path,
     curve_path: Path,
     num_workers: int = 0,
+    checkpoint_every: int = 20,
+    checkpoint_path: Path = checkpoint_file("finetune"),
 ) -> None:
-    """Fine-tune on the windows of ``split`` (its index and ``num_shards`` proposal shards); write the model and curve."""
-    index_path = index_file(split)
-    with PerImageReader([index_path]) as index, PerImageReader.sharded(proposals_dir(split), num_shards) as proposals:
+    """Fine-tune on the windows of ``train_split`` (its index and ``num_shards`` proposal shards); write the model and curve.
+
+    Checkpoints every ``checkpoint_every`` iterations (0 = never) to ``checkpoint_path``, and resumes from it.
+    """
+    index_path = index_file(train_split)
+    with PerImageReader([index_path]) as index, PerImageReader.sharded(proposals_dir(train_split), num_shards) as proposals:
         classes = [str(c) for c in index.json_attr("classes")]
         windows = collect_windows(index, proposals, params.fg_iou)
     num_fg, num_bg = len(windows.foreground), len(windows.background)
-    print(f"finetune {split}: {len(windows.paths)} images, {num_fg} foreground and {num_bg} background windows, "
+    print(f"finetune {train_split}: {len(windows.paths)} images, {num_fg} foreground and {num_bg} background windows, "
           f"{len(classes) + 1} classes", flush=True)
     batch_plan(params, windows.foreground, windows.background, 0)  # fail now, not in a worker, if batches are impossible
+    provenance = {
+        "params": as_dict(params),
+        "code_version": code_version("finetune"),
+        "inputs": {
+            "index": file_digest(index_path),
+            **{f"proposals/{k}": file_digest(shard_path(proposals_dir(train_split), k)) for k in range(num_shards)},
+        },
+    }
 
     torch.manual_seed(params.seed)
     model = build_backbone(params.arch, params.weights)
     model.replace_classifier(len(classes) + 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Contiguous, not channels_last: on the CPU, channels_last backward passes measured 2.5x slower
-    # (EfficientNet-Lite0, batch 32 at 96 px), although its forward pass is 1.6x faster (stages.features).
-    model.to(device).train()
-    amp_dtype, needs_scaler = _precision(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
-    optimizer = torch.optim.SGD(model.parameters(), lr=params.learning_rate, momentum=params.momentum,
-                                weight_decay=params.weight_decay)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=params.lr_step, gamma=params.lr_gamma)
-    loss_fn = nn.CrossEntropyLoss()
-
-    workers = max(1, num_workers or os.cpu_count() or 1)
-    loader = DataLoader(
-        WindowBatches(windows, params, model.mean, model.std),
-        batch_size=None,  # each item is already a mini-batch
-        shuffle=False,
-        num_workers=workers,
-        multiprocessing_context=multiprocessing.get_context("spawn"),
-        worker_init_fn=_init_worker,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2,
-    )
-    losses: list[float] = []
-    correct: list[float] = []
-    progress = tqdm(loader, total=params.iterations, desc=f"finetune {split}", unit="it")
-    for x, y in progress:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-            loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        schedule.step()
-        losses.append(loss.item())
-        correct.append((logits.argmax(1) == y).float().mean().item())
-        if not math.isfinite(losses[-1]):
-            raise FinetuneError(f"training diverged at iteration {len(losses)} (loss {losses[-1]}); "
-                                "lower finetune.learning_rate")
-        recent = slice(-CURVE_WINDOW, None)
-        progress.set_postfix(loss=f"{np.mean(losses[recent]):.3f}", acc=f"{np.mean(correct[recent]):.2f}")
-    progress.close()
-
-    model.eval()
-    saved = {
+    model_file = {
         "arch": params.arch,
         "classes": classes,
         "num_classes": len(classes) + 1,
@@ -295,17 +231,15 @@ def run(
         "padding": params.padding,
         "mean": list(model.mean),
         "std": list(model.std),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "params": as_dict(params),
-        "code_version": code_version("finetune"),
-        "inputs": {
-            "index": file_digest(index_path),
-            **{f"proposals/{k}": file_digest(shard_path(proposals_dir(split), k)) for k in range(num_shards)},
-        },
     }
-    with atomic_path(model_path, ".pt") as tmp, open(tmp, "wb") as f:
-        # To a file object, not a path: torch.save names the zip's records after the file, and
-        # the temporary's random name would make two identical runs differ byte for byte.
-        torch.save(saved, f)
-    every = max(1, params.iterations // 200)
-    write_text(curve_path, "\n".join(curve_rows(losses, correct, every)) + "\n")
+    train(
+        model,
+        WindowBatches(windows, params, model.mean, model.std),
+        Schedule.of(params),
+        Checkpointing(checkpoint_path, checkpoint_every, provenance),
+        lambda trained: write_torch(model_path, {**model_file, "state_dict": trained.state_dict(), **provenance}),
+        curve_path,
+        name=f"finetune {train_split}",
+        num_workers=num_workers,
+        worker_init=_init_worker,
+    )

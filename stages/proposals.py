@@ -33,12 +33,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from stages.core.atomic import write_text
+from stages.core import faults, runs
 from stages.ops.boxes import as_boxes, clip_boxes, min_side, unique_boxes, xywh_to_xyxy
 from stages.core.config import ProposalParams, as_dict
 from stages.core.errors import PipelineError
 from stages.data.images import ImageError, load_image
-from stages.core.layout import index_file, timing_file
+from stages.core.layout import index_file
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader, RowSpec, create_per_image
 
@@ -122,6 +122,7 @@ def run(
     num_workers: int = 0,
 ) -> None:
     """Compute proposals for shard ``shard`` of ``num_shards`` of ``split``, written to ``out_path``."""
+    faults.reached("start")
     index_path = index_file(split)
     with PerImageReader([index_path]) as index:
         root = Path(index.attrs["data_root"])
@@ -158,4 +159,4 @@ def run(
     for message in failed:
         print(f"warning: no proposals for {message}", flush=True)
     timing = {"images": len(tasks), "cpu_seconds": seconds, "wall_seconds": time.perf_counter() - wall}
-    write_text(timing_file(out_path), json.dumps(timing, indent=2) + "\n")
+    runs.record(out_path, timing)

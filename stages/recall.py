@@ -2,12 +2,13 @@
 
 Per split: recall at IoU 0.5 and 0.7 (fraction of ground-truth boxes with a
 proposal at least that close), MABO (mean over classes of the average best
-overlap), mean boxes per image and CPU seconds per image. Ground truth marked
+overlap) and mean boxes per image. Ground truth marked
 ``difficult`` is left out, as in VOC evaluation. Also the recall-vs-number-of-
 proposals curve, taking each image's first ``k`` proposals in rank order.
 
 Outputs: ``features_cache/reports/proposals.json`` (DVC metrics) and
-``features_cache/reports/recall_curve_<split>.csv`` (DVC plots).
+``features_cache/reports/recall_curve_<split>.csv`` (DVC plots). Proposal
+seconds per image are run-to-run facts: ``features_cache/runs/proposals/``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from stages.core.atomic import write_text
 from stages.ops.boxes import box_iou
-from stages.core.layout import index_file, proposals_dir, recall_curve, timing_file
+from stages.core.layout import index_file, proposals_dir, recall_curve
 from stages.core.store import PerImageReader
 
 THRESHOLDS = (0.5, 0.7)
@@ -64,12 +65,6 @@ def split_report(index: PerImageReader, proposals: PerImageReader) -> tuple[dict
     return metrics, curve
 
 
-def seconds_per_image(shard_files: list[Path]) -> float:
-    timings = [json.loads(timing_file(p).read_text()) for p in shard_files]
-    images = sum(t["images"] for t in timings)
-    return sum(t["cpu_seconds"] for t in timings) / images if images else 0.0
-
-
 def run(splits: tuple[str, ...], num_shards: int, metrics_path: Path) -> None:
     """Write the metrics of every split to ``metrics_path`` and one curve CSV per split."""
     report = {}
@@ -78,7 +73,6 @@ def run(splits: tuple[str, ...], num_shards: int, metrics_path: Path) -> None:
             proposals_dir(split), num_shards
         ) as proposals:
             metrics, curve = split_report(index, proposals)
-            metrics["seconds_per_image"] = seconds_per_image(proposals.paths)
         report[split] = metrics
         header = "proposals," + ",".join(f"recall@{t}" for t in THRESHOLDS)
         lines = [f"{row['proposals']}," + ",".join(f"{row[f'recall@{t}']:.6f}" for t in THRESHOLDS) for row in curve]

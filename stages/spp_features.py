@@ -30,7 +30,6 @@ process needs to import torch). On CUDA the conv layers run under autocast
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -44,15 +43,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.core.atomic import write_text
+from stages.core import runs
+from stages.core.device import autocast, pick_device
 from stages.models.backbones import Backbone, build_backbone
 from stages.core.config import FeatureParams, FinetuneParams, SppParams, as_dict
 from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
 from stages.data.images import load_image
-from stages.core.layout import index_file, proposals_shard, timing_file
+from stages.core.layout import index_file, proposals_shard
 from stages.core.provenance import code_version, file_digest
 from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
-from stages.core.store import ArtifactError, PerImageReader, create_per_image
+from stages.core.store import PerImageReader, create_per_image
 
 RECIPE = "sppnet"
 T = TypeVar("T")
@@ -83,19 +83,12 @@ def prefetch(function: Callable[[T], U], items: Iterable[T], threads: int) -> It
             yield pending.popleft().result()
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def conv_map(model: Backbone, image: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``(h, w, 3)`` uint8 RGB image -> ``(C, H, W)`` conv map at the backbone's stride (autocast dtype on CUDA)."""
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(model.std, device=device).view(1, 3, 1, 1) * 255
     x = image.to(device, non_blocking=True).permute(2, 0, 1)[None].float().sub_(mean).div_(std)
-    amp = _amp_dtype(device)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with autocast(device):
         return model.features(x.contiguous(memory_format=torch.channels_last))[0]
 
 
@@ -117,14 +110,6 @@ def image_pyramids(
         cells = project_boxes(boxes[rows], factor, model.stride, features.shape[1], features.shape[2])
         pooled[rows] = pyramid_pool(features, cells, levels).cpu().numpy()
     return pooled
-
-
-def _proposal_shard(split: str, shard: int, num_shards: int) -> PerImageReader:
-    reader = PerImageReader([proposals_shard(split, shard)])
-    if (int(reader.attrs.get("shard_index", -1)), int(reader.attrs.get("num_shards", -1))) != (shard, num_shards):
-        reader.close()
-        raise ArtifactError(f"{reader.paths[0]}: not shard {shard} of {num_shards} (stale artifact; rerun proposals)")
-    return reader
 
 
 def _attrs(
@@ -172,11 +157,12 @@ def run(
 ) -> None:
     """Write the SPP pyramids of proposal shard ``shard`` of ``split`` (plus ground truth on ``train_split``)."""
     index_path = index_file(split)
-    with PerImageReader([index_path]) as index, _proposal_shard(split, shard, num_shards) as proposals:
+    with PerImageReader([index_path]) as index, PerImageReader([proposals_shard(split, shard)]) as proposals:
+        proposals.check_shards(num_shards, [shard])
         classes = [str(c) for c in index.json_attr("classes")]
         positions = [index.position(image_id) for image_id in proposals.image_ids]
         model = build_backbone(finetune.arch, finetune.weights)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device()
         model.to(device, memory_format=torch.channels_last).eval()
         attrs = _attrs(params, features, finetune, model, classes, {"index": index_path, "proposals": proposals.paths[0]},
                        split, shard, num_shards, train_split)
@@ -202,4 +188,4 @@ def run(
         seconds = time.perf_counter() - wall
     timing = {"images": len(positions), "regions": regions, "wall_seconds": seconds,
               "seconds_per_image": seconds / max(1, len(positions))}
-    write_text(timing_file(out_path), json.dumps(timing, indent=2) + "\n")
+    runs.record(out_path, timing)

@@ -3,9 +3,11 @@
 SPP-net fine-tunes only the layers after the pyramid: here a fresh MLP
 ``fc6 = Linear(pool_dim, hidden) + ReLU + Dropout``, ``fc7`` (the same,
 ``hidden -> hidden``) and ``fc8 = Linear(hidden, C + 1)`` (N(0, 0.01), as
-R-CNN's), trained with SGD (momentum, weight decay), a step learning rate and
-cross-entropy on the pyramids of the training split (``features_cache/spp/<split>/``,
-all shards) - no image is read.
+R-CNN's), trained with cross-entropy by the training engine
+(:func:`stages.core.engine.train`: SGD with momentum and weight decay, a step
+learning rate, checkpoints every ``checkpoint_every`` iterations from which a
+rerun resumes to the same bytes) on the pyramids of the training split
+(``features_cache/spp/<split>/``, all shards) - no image is read.
 
 Labels: a ground-truth row is its class + 1; a proposal is ``c + 1`` for the
 class ``c`` of its largest per-class IoU (``iou`` rows) if that IoU is at
@@ -18,9 +20,9 @@ foreground and the rest background, each part without replacement unless it
 has fewer rows than it needs (all background if the images hold no
 foreground, all foreground if no background). Only those images' rows are
 read, so memory is bounded by the batch, not the split. Batch ``b`` is a
-function of ``(seed, b)`` only; ``num_workers`` spawned DataLoader workers read
-and decompress them ahead of the training loop (one worker: the training
-process reads them itself), and the result does not depend on their number.
+function of ``(seed, b)`` only; ``num_workers`` loader workers read and
+decompress them ahead of the training loop, and the result does not depend on
+their number.
 
 Features are cast to float32 and multiplied by ``feature_scale``, set once so
 that the mean L2 norm over the rows of a seeded sample of :data:`NORM_IMAGES`
@@ -30,27 +32,23 @@ learning rate then does not depend on the backbone's feature magnitude.
 Outputs: the head file (``torch.save`` of a dict: ``classes``, ``num_classes``,
 ``pool_dim``, ``hidden``, ``dropout``, ``levels``, ``feature_scale``,
 ``state_dict``, ``params``, ``code_version``, ``inputs``), read back with
-:func:`load_head`; and the training curve CSV ``iteration,loss,accuracy``
-(as the finetune stage's).
+:func:`load_head`; and the engine's training curve CSV ``iteration,loss,accuracy``.
 """
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from stages.core.atomic import atomic_path, write_text
 from stages.core.config import SppParams, as_dict
+from stages.core.engine import Checkpointing, Schedule, train, write_torch
 from stages.core.errors import PipelineError
-from stages.ops.sampling import CURVE_WINDOW, curve_rows, sample_batch
-from stages.core.layout import spp_dir
+from stages.ops.sampling import assign_labels, sample_batch
+from stages.core.layout import checkpoint_file, spp_dir
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader
 
@@ -99,8 +97,7 @@ def region_labels(gt_label: np.ndarray, iou: np.ndarray, fg_iou: float) -> np.nd
     Ties between classes go to the lower class number.
     """
     gt_label = np.asarray(gt_label, dtype=np.int64)
-    best = iou.argmax(axis=1)
-    proposal = np.where(iou[np.arange(len(iou)), best] >= fg_iou, best + 1, 0)
+    proposal = assign_labels(iou, np.arange(iou.shape[1]), fg_iou)
     return np.where(gt_label >= 0, gt_label + 1, proposal)
 
 
@@ -118,9 +115,6 @@ class RegionBatches(Dataset):
         self.folder, self.num_shards, self.params = folder, num_shards, params
         self.images = torch.from_numpy(images)  # shared memory with spawned workers
         self._reader: PerImageReader | None = None  # opened in each worker: h5py files do not pickle
-
-    def __len__(self) -> int:
-        return self.params.iterations
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_reader": None}
@@ -147,10 +141,6 @@ class RegionBatches(Dataset):
         rows = sample_regions(rng, labels, self.params.batch_size, self.params.positive_fraction)
         pool = np.concatenate([self.reader.rows("pool", i) for i in chosen])[rows]
         return torch.from_numpy(pool.astype(np.float32)), torch.from_numpy(labels[rows])
-
-
-def _init_worker(_: int) -> None:
-    torch.set_num_threads(1)  # parallelism comes from the worker processes
 
 
 def count_labels(reader: PerImageReader, fg_iou: float) -> np.ndarray:
@@ -192,8 +182,12 @@ def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> Spp
 
 
 def run(params: SppParams, train_split: str, num_shards: int, head_path: Path, curve_path: Path,
-        num_workers: int = 0) -> None:
-    """Train the fc layers on the cached pyramids of ``train_split`` (``num_shards`` shards); write head and curve."""
+        num_workers: int = 0, checkpoint_every: int = 20,
+        checkpoint_path: Path = checkpoint_file("spp_finetune")) -> None:
+    """Train the fc layers on the cached pyramids of ``train_split`` (``num_shards`` shards); write head and curve.
+
+    Checkpoints every ``checkpoint_every`` iterations (0 = never) to ``checkpoint_path``, and resumes from it.
+    """
     folder = spp_dir(train_split)
     with PerImageReader.sharded(folder, num_shards) as reader:
         classes = [str(c) for c in reader.json_attr("classes")]
@@ -209,48 +203,7 @@ def run(params: SppParams, train_split: str, num_shards: int, head_path: Path, c
         scale = feature_scale(reader, images, params.seed)
         inputs = {f"spp/{k}": file_digest(path) for k, path in enumerate(reader.paths)}
 
-    torch.manual_seed(params.seed)
-    head = SppHead(pool_dim, params.hidden, len(classes) + 1, params.dropout, scale)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    head.to(device).train()
-    optimizer = torch.optim.SGD(head.parameters(), lr=params.learning_rate, momentum=params.momentum,
-                                weight_decay=params.weight_decay)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=params.lr_step, gamma=params.lr_gamma)
-    loss_fn = nn.CrossEntropyLoss()
-    batches = RegionBatches(folder, num_shards, images, params)
-    workers = max(1, num_workers or os.cpu_count() or 1)
-    processes = workers if workers > 1 else 0  # a single worker reads in this process: no start-up cost
-    loader = DataLoader(
-        batches,
-        batch_size=None,  # each item is already a mini-batch
-        num_workers=processes,
-        multiprocessing_context=multiprocessing.get_context("spawn") if processes else None,
-        worker_init_fn=_init_worker if processes else None,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if processes else None,
-    )
-    losses: list[float] = []
-    correct: list[float] = []
-    progress = tqdm(loader, total=params.iterations, desc=f"spp_finetune {train_split}", unit="it")
-    for x, y in progress:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = head(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        correct.append((logits.argmax(1) == y).float().mean().item())
-        if not math.isfinite(losses[-1]):
-            raise SppFinetuneError(f"training diverged at iteration {len(losses)} (loss {losses[-1]}); "
-                                   "lower sppnet.learning_rate")
-        recent = slice(-CURVE_WINDOW, None)
-        progress.set_postfix(loss=f"{np.mean(losses[recent]):.3f}", acc=f"{np.mean(correct[recent]):.2f}")
-    progress.close()
-    batches.close()
-
-    saved = {
+    head_file = {
         "classes": classes,
         "num_classes": len(classes) + 1,
         "pool_dim": pool_dim,
@@ -258,11 +211,21 @@ def run(params: SppParams, train_split: str, num_shards: int, head_path: Path, c
         "dropout": params.dropout,
         "levels": list(levels),
         "feature_scale": scale,
-        "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-        "params": as_dict(params),
-        "code_version": code_version("spp_finetune"),
-        "inputs": inputs,
     }
-    with atomic_path(head_path, ".pt") as tmp, open(tmp, "wb") as f:
-        torch.save(saved, f)  # to a file object: the temporary's name would otherwise end up in the zip records
-    write_text(curve_path, "\n".join(curve_rows(losses, correct, max(1, params.iterations // 200))) + "\n")
+    provenance = {"params": as_dict(params), "code_version": code_version("spp_finetune"), "inputs": inputs}
+    torch.manual_seed(params.seed)
+    head = SppHead(pool_dim, params.hidden, len(classes) + 1, params.dropout, scale)
+    batches = RegionBatches(folder, num_shards, images, params)
+    try:
+        train(
+            head,
+            batches,
+            Schedule.of(params),
+            Checkpointing(checkpoint_path, checkpoint_every, provenance),
+            lambda trained: write_torch(head_path, {**head_file, "state_dict": trained.state_dict(), **provenance}),
+            curve_path,
+            name=f"spp_finetune {train_split}",
+            num_workers=num_workers,
+        )
+    finally:
+        batches.close()

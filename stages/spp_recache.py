@@ -17,7 +17,6 @@ holds the wall-clock figures.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.core.atomic import write_text
+from stages.core import runs
+from stages.core.device import pick_device
 from stages.core.config import FeatureParams
 from stages.data.featureset import IMAGE_DATASETS, feature_row, region_rows
-from stages.core.layout import spp_shard, timing_file
+from stages.core.layout import spp_shard
 from stages.core.provenance import code_version, file_digest
 from stages.spp_finetune import SppHead, load_head
 from stages.core.store import ArtifactError, PerImageReader, create_per_image
@@ -51,21 +51,12 @@ def head_outputs(head: SppHead, pool: np.ndarray, device: torch.device) -> tuple
     return np.concatenate(fc), np.concatenate(scores)
 
 
-def _pyramid_shard(split: str, shard: int, num_shards: int) -> PerImageReader:
-    reader = PerImageReader([spp_shard(split, shard)])
-    written = (int(reader.attrs.get("shard_index", -1)), int(reader.attrs.get("num_shards", -1)))
-    if written != (shard, num_shards):
-        reader.close()
-        raise ArtifactError(f"{reader.paths[0]}: written as shard {written[0]} of {written[1]}, expected shard "
-                            f"{shard} of {num_shards} (stale artifact; rerun the spp_features stage)")
-    return reader
-
-
 def run(features: FeatureParams, split: str, shard: int, num_shards: int, head_path: Path, out_path: Path) -> None:
     """Write the sppnet feature cache of shard ``shard`` of ``split`` with the head at ``head_path``."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     head = load_head(head_path).to(device)
-    with _pyramid_shard(split, shard, num_shards) as pyramids:
+    with PerImageReader([spp_shard(split, shard)]) as pyramids:
+        pyramids.check_shards(num_shards, [shard])
         classes = [str(c) for c in pyramids.json_attr("classes")]
         pool_dim = int(pyramids.attrs["pool_dim"])
         if classes != head.classes or pool_dim != head.pool_dim:
@@ -102,4 +93,4 @@ def run(features: FeatureParams, split: str, shard: int, num_shards: int, head_p
         seconds = time.perf_counter() - wall
         timing = {"images": len(pyramids), "regions": int(pyramids.counts().sum()), "wall_seconds": seconds,
                   "seconds_per_image": seconds / max(1, len(pyramids))}
-    write_text(timing_file(out_path), json.dumps(timing, indent=2) + "\n")
+    runs.record(out_path, timing)

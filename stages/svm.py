@@ -1,10 +1,11 @@
 """Stage ``svm``: one linear SVM per class on fc features, with hard-negative mining (R-CNN step 4).
 
 Features. Every fc row is multiplied by ``feature_scale = target_norm / m``,
-where ``m`` is the mean L2 norm of a fixed sample of rows (as
-``rcnn_feature_stats.m``): :data:`NORM_IMAGES` images drawn with a generator
-seeded by ``seed``, then ``norm_sample`` of their rows drawn uniformly without
-replacement (all of them if they hold fewer), read image by image.
+where ``m`` is the mean L2 norm of a fixed sample of rows
+(:func:`stages.data.featureset.feature_scale`, as ``rcnn_feature_stats.m``):
+:data:`NORM_IMAGES` images drawn with a generator seeded by ``seed``, then
+``norm_sample`` of their rows drawn uniformly without replacement (all of them
+if they hold fewer), read image by image.
 
 Examples of class ``c``. Positives: the ground-truth rows of class ``c``
 (``gt_label == c``), difficult ones included (the cache does not mark them).
@@ -52,11 +53,11 @@ Outputs. The model: HDF5 with datasets ``weights (C, D) float32`` and
 ``inputs``), read back with :func:`load_svm`; scores are
 ``(fc * feature_scale) @ weights.T + biases``. The report (JSON):
 ``feature_scale``, ``mean_norm``, and per class its ``status``, ``positives``,
-``negatives_seen``, ``final_cache_negatives``, ``seconds`` (training) and the
-``rounds`` (one per training: ``pass``, ``image``, ``cache_negatives``,
-``new_negatives``, ``evicted``, ``objective`` and its three terms,
-``iterations``, ``seconds``). Its timings differ from run to run; the model
-file does not.
+``negatives_seen``, ``final_cache_negatives`` and the ``rounds`` (one per
+training: ``pass``, ``image``, ``cache_negatives``, ``new_negatives``,
+``evicted``, ``objective`` and its three terms, ``iterations``). The seconds
+of the stage, of each class's training and of each round differ from run to
+run: they go to the run record of the model (:mod:`stages.core.runs`).
 """
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from stages.core import runs
 from stages.core.atomic import write_text
 from stages.core.config import SvmParams, as_dict
 from stages.core.errors import PipelineError
-from stages.data.featureset import FeatureSet
+from stages.data.featureset import FeatureSet, feature_scale
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import write_arrays
 
@@ -156,36 +158,7 @@ def scale_features(fc: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(fc, dtype=np.float32) * np.float32(scale)
 
 
-# --- feature scale -------------------------------------------------------------------------------
-
-
-def norm_sample_rows(counts: np.ndarray, norm_sample: int, seed: int) -> dict[int, np.ndarray]:
-    """``{image: sorted row numbers}``: the rows whose norms estimate the mean norm.
-
-    :data:`NORM_IMAGES` images are drawn (all if there are fewer), then
-    ``norm_sample`` of their rows uniformly without replacement (all of them if
-    they hold fewer). ``counts (n,)`` are the rows per image.
-    """
-    rng = np.random.default_rng(seed)
-    images = np.sort(rng.permutation(len(counts))[:NORM_IMAGES])
-    starts = np.concatenate([[0], np.cumsum(counts[images])])
-    total = int(starts[-1])
-    chosen = np.sort(rng.choice(total, size=min(norm_sample, total), replace=False))
-    owner = np.searchsorted(starts, chosen, side="right") - 1
-    return {int(images[k]): chosen[owner == k] - starts[k] for k in np.unique(owner)}
-
-
-def mean_norm(features: FeatureSet, sample: Mapping[int, np.ndarray]) -> float:
-    """Mean L2 norm of the raw fc rows in ``sample`` (:func:`norm_sample_rows`), read image by image."""
-    norms = [
-        np.linalg.norm(scale_features(features.rows("fc", i)[rows], 1.0), axis=1)
-        for i, rows in tqdm(sorted(sample.items()), desc="svm feature norms", unit="image")
-    ]
-    norms = np.concatenate(norms) if norms else np.zeros(0)
-    if not len(norms) or not norms.mean() > 0:
-        raise SvmError(f"{features.paths[0].parent}: no fc features with a positive norm to scale "
-                       f"({len(norms)} rows sampled)")
-    return float(norms.astype(np.float64).mean())
+# --- image order and solver seeds ---------------------------------------------------------------
 
 
 def image_order(num_images: int, seed: int, pass_index: int) -> np.ndarray:
@@ -454,9 +427,8 @@ def run(
         classes, dim = features.classes, features.dim("fc")
         if not len(features):
             raise SvmError(f"{features.paths[0].parent}: the feature cache holds no images")
-        sample = norm_sample_rows(features.counts(), params.norm_sample, params.seed)
-        norm = mean_norm(features, sample)
-        scale = params.target_norm / norm
+        scaling = feature_scale(features, "fc", params.target_norm, params.seed, params.norm_sample, NORM_IMAGES)
+        scale = scaling.scale
         positives = collect_positives(features, scale, len(classes))
         inputs = {p.as_posix(): file_digest(p) for p in features.paths}
     trainable = [c for c in range(len(classes)) if len(positives[c])]
@@ -486,10 +458,16 @@ def run(
         "recipe": recipe,
         "split": train_split,
         "mining": params.mining,
-        "mean_norm": norm,
+        "mean_norm": scaling.mean_norm,
         "feature_scale": scale,
-        "norm_sample_rows": int(sum(len(r) for r in sample.values())),
+        "norm_sample_rows": scaling.rows,
         "classes": {classes[r.index]: r.report() for r in results},
-        "seconds": time.perf_counter() - start,
     }
+    runs.record(out_path, {"seconds": time.perf_counter() - start, **_take_seconds(report["classes"])})
     write_text(report_path, json.dumps(report, indent=2) + "\n")
+
+
+def _take_seconds(class_reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Move the run-to-run seconds out of the per-class reports (DVC metrics) into a run record."""
+    return {"classes": {name: {"seconds": c.pop("seconds"), "rounds": [r.pop("seconds") for r in c["rounds"]]}
+                        for name, c in class_reports.items()}}

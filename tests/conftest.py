@@ -1,46 +1,19 @@
-"""Shared fixtures: a tiny generated dataset, indexed, in a workspace laid out like the repository."""
+"""Shared fixtures: a tiny generated dataset, indexed, in a workspace laid out like the repository;
+its proposals and SPP pyramids; the subprocesses of a test. Plain helpers live in ``helpers.py``."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
-from stages import index, synthetic
+from stages import index, proposals, synthetic
 from stages.core import layout
 from stages.core.config import Config, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
-
-# Small enough that the whole DAG runs in seconds; still several classes, splits and shards.
-TINY = {
-    "synthetic": {"num_trainval": 6, "num_test": 4, "min_side": 96, "max_side": 160, "max_object_size": 64},
-    "proposals": {"max_side": 160, "max_boxes": 300},
-    "finetune": {"input_size": 64, "batch_size": 8, "iterations": 3, "lr_step": 2},
-    "features": {"batch_size": 16},
-    "sppnet": {"scales": [128], "max_side": 200, "hidden": 64, "batch_size": 32, "iterations": 5, "lr_step": 3},
-    "svm": {"norm_sample": 500, "retrain_every": 200},
-    "evaluate": {"gallery": 2},
-    "runtime": {"num_workers": 2},
-}
-
-
-def tiny_params() -> dict:
-    """params.yaml with the TINY overrides, as a plain mapping."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    return params
-
-
-def write_params(folder: Path, params: dict) -> Path:
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+# REPO, BCCD, replace_section, tiny_params: imported from here by modules not yet moved to helpers
+from helpers import BCCD, REPO, Processes, replace_section, run_spp, spp_config, tiny_params, write_params  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -59,13 +32,18 @@ def tiny_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _private_copy(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of ``source`` in the test's own folder, made the working directory."""
+    folder = tmp_path / "ws"
+    shutil.copytree(source, folder, symlinks=True)
+    monkeypatch.chdir(folder)
+    return folder
+
+
 @pytest.fixture
 def workspace(tiny_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of the tiny workspace, made the working directory."""
-    folder = tmp_path / "ws"
-    shutil.copytree(tiny_workspace, folder, symlinks=True)
-    monkeypatch.chdir(folder)
-    return folder
+    return _private_copy(tiny_workspace, tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -73,5 +51,32 @@ def tiny_config(workspace: Path) -> Config:
     return load_config()
 
 
-def replace_section(cfg: Config, section: str, **changes) -> Config:
-    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+@pytest.fixture(scope="session")
+def spp_upstream(tmp_path_factory: pytest.TempPathFactory, tiny_workspace: Path) -> Path:
+    """The tiny workspace with proposals and pyramids (:func:`helpers.spp_config`) of every shard of both
+    splits (built once per session)."""
+    folder = tmp_path_factory.mktemp("spp-upstream")
+    shutil.copytree(tiny_workspace, folder, symlinks=True, dirs_exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        cfg = spp_config(load_config())
+        for split in cfg.data.splits:
+            for shard in cfg.sharding.shards:
+                proposals.run(cfg.proposals, "raise", split, shard, cfg.sharding.num_shards,
+                              layout.proposals_shard(split, shard), num_workers=1)
+                run_spp(cfg, split, shard, layout.spp_shard(split, shard))
+    return folder
+
+
+@pytest.fixture
+def spp_workspace(spp_upstream: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of :func:`spp_upstream`, made the working directory."""
+    return _private_copy(spp_upstream, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def processes():
+    """Start subprocesses in their own sessions (:class:`helpers.Processes`); all are killed at the end."""
+    started = Processes()
+    yield started
+    started.close()

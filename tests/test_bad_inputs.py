@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
 import os
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import REPO, tiny_params, write_params
+from stages.core import runs
 from stages import features, index, proposals
 from stages.core import layout
 from stages.core.config import Config, load_config
@@ -482,7 +482,7 @@ def check_proposals(case: Case, cfg: Config) -> None:
             assert (boxes[:, 2:] > boxes[:, :2]).all(), image_id
             if len(boxes):  # in original coordinates, not those of the image resized to max_side
                 assert boxes[:, 2].max() >= width / 2 and boxes[:, 3].max() >= height / 2, image_id
-    timing = json.loads(layout.timing_file(out).read_text())
+    timing = runs.read(out)
     assert timing["images"] == len(idx.image_ids)
     assert timing["cpu_seconds"] < 20  # the huge image is resized to max_side first: seconds, not minutes
 

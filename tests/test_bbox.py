@@ -1,6 +1,7 @@
 """Box regression (stage bbox): target choice, standardisation, and recovery of offsets that the features encode."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import h5py
@@ -12,7 +13,7 @@ from stages.core import layout
 from stages.bbox import BoxRegressor, fit_class, image_targets, load_bbox, paired_iou
 from stages.ops.boxes import box_iou, decode_boxes, encode_boxes
 from stages.core.config import BboxParams
-from stages.data.featureset import IMAGE_DATASETS, class_iou, feature_row, region_rows
+from stages.data.featureset import IMAGE_DATASETS, FeatureSet, class_iou, feature_row, norm_sample_rows, region_rows
 from stages.core.store import ArtifactError, RowSpec, create_per_image, shard_path
 
 
@@ -76,6 +77,9 @@ def synthetic_image(rng: np.random.Generator, number: int) -> dict:
             "size": (200, 200)}
 
 
+PARAMS = BboxParams(min_iou=0.6, ridge_lambda=1.0, target_norm=20.0, norm_sample=10000, seed=0)
+
+
 @pytest.fixture
 def trained(workspace):
     """Regressors trained on 8 synthetic images, the images, and the model path."""
@@ -83,7 +87,7 @@ def trained(workspace):
     images = [synthetic_image(rng, n) for n in range(8)]
     write_features("trainval", images, CLASSES, num_shards=2)
     out = layout.bbox_model("rcnn")
-    bbox.run(BboxParams(min_iou=0.6, ridge_lambda=1.0), "rcnn", "trainval", 2, out)
+    bbox.run(PARAMS, "rcnn", "trainval", 2, out)
     return load_bbox(out), images, out
 
 
@@ -110,7 +114,8 @@ def test_sample_counts_gt_rows_and_untrained_class(trained, capsys):
     with h5py.File(out, "r") as f:
         stats = json.loads(f.attrs["stats"])
         assert json.loads(f.attrs["classes"]) == CLASSES
-        assert json.loads(f.attrs["params"]) == {"bbox": {"min_iou": 0.6, "ridge_lambda": 1.0}}
+        assert json.loads(f.attrs["params"]) == {"bbox": {"min_iou": 0.6, "ridge_lambda": 1.0, "target_norm": 20.0,
+                                                          "norm_sample": 10000, "seed": 0}}
         assert f.attrs["recipe"] == "rcnn"
         assert sorted(json.loads(f.attrs["inputs"])) == [str(shard_path(layout.features_dir("rcnn", "trainval"), k))
                                                          for k in range(2)]
@@ -130,16 +135,37 @@ def _iou(image: dict) -> np.ndarray:
     return class_iou(image["boxes"], image["boxes"][labels >= 0], labels[labels >= 0], len(CLASSES))
 
 
+def _cached_pool(images: list[dict]) -> np.ndarray:
+    """Every image's pool rows as cached (float16), in float64."""
+    return np.concatenate([img["pool"].astype(np.float16).astype(np.float64) for img in images])
+
+
 def test_feature_scale_gives_mean_norm_20(trained):
-    model, images, _ = trained  # 8 x 54 rows < NORM_SAMPLE: the sample is every row
-    pool = np.concatenate([img["pool"].astype(np.float16).astype(np.float64) for img in images])
-    assert np.linalg.norm(pool * model.feature_scale, axis=1).mean() == pytest.approx(20.0, rel=1e-6)
+    model, images, _ = trained  # 8 x 54 rows < norm_sample: the sample is every row
+    assert np.linalg.norm(_cached_pool(images) * model.feature_scale, axis=1).mean() == pytest.approx(20.0, rel=1e-6)
+
+
+def test_feature_scale_follows_its_params(trained):
+    model, images, out = trained
+    bbox.run(dataclasses.replace(PARAMS, target_norm=5.0), "rcnn", "trainval", 2, out)
+    assert load_bbox(out).feature_scale == pytest.approx(model.feature_scale / 4, rel=1e-12)
+    sampled = []
+    for seed in (0, 1):  # 100 of the 432 rows: the mean norm of another sample differs
+        bbox.run(dataclasses.replace(PARAMS, norm_sample=100, seed=seed), "rcnn", "trainval", 2, out)
+        sampled.append(load_bbox(out).feature_scale)
+        with FeatureSet("rcnn", "trainval", 2) as features:
+            sample = norm_sample_rows(features.counts(), seed, 100)
+            rows = np.concatenate([features.rows("pool", i)[r] for i, r in sample.items()]).astype(np.float64)
+        assert len(rows) == 100
+        assert np.linalg.norm(rows * sampled[-1], axis=1).mean() == pytest.approx(20.0, rel=1e-12)
+    assert sampled[0] != sampled[1]
+    assert np.linalg.norm(_cached_pool(images) * sampled[0], axis=1).mean() != pytest.approx(20.0)
 
 
 def test_rerun_is_byte_identical_and_save_load_round_trip(trained, tmp_path):
     model, _, out = trained
     before = out.read_bytes()
-    bbox.run(BboxParams(min_iou=0.6, ridge_lambda=1.0), "rcnn", "trainval", 2, out)
+    bbox.run(PARAMS, "rcnn", "trainval", 2, out)
     assert out.read_bytes() == before
     model.save(tmp_path / "copy.h5", {"recipe": "x"})
     again = load_bbox(tmp_path / "copy.h5")

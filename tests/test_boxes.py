@@ -13,7 +13,6 @@ from stages.ops.boxes import (
     encode_boxes,
     intersection_over_smaller,
     min_side,
-    scale_boxes,
     unique_boxes,
     xywh_to_xyxy,
 )
@@ -89,15 +88,6 @@ def test_clip_boxes() -> None:
     out = clip_boxes(boxes, width=100, height=40)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, [[0, 0, 100, 40], [10, 10, 20, 20]])
-
-
-def test_scale_boxes() -> None:
-    boxes = np.array([[10, 20, 30, 40]], dtype=np.float32)
-    out = scale_boxes(boxes, 0.5)
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out, [[5, 10, 15, 20]])
-    np.testing.assert_array_equal(scale_boxes(boxes, 2), [[20, 40, 60, 80]])
-    assert scale_boxes(np.zeros((0, 4), np.float32), 3.0).shape == (0, 4)
 
 
 def test_xywh_to_xyxy() -> None:

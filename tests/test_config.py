@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from stages.core.config import (
+    BboxParams,
     Config,
     ConfigError,
     DataParams,
@@ -149,6 +150,35 @@ def test_classes_item_of_wrong_type(tmp_path: Path) -> None:
 def test_classes_not_a_list(tmp_path: Path) -> None:
     message = _error(_modified(tmp_path, "data", "classes", "cat"))
     assert "data:classes: expected a list, got 'cat'" in message
+
+
+def test_bbox_feature_scale_params_are_read(tmp_path: Path) -> None:
+    assert load_config(REAL).bbox == BboxParams(min_iou=0.6, ridge_lambda=1000.0, target_norm=20.0,
+                                                norm_sample=10000, seed=0)
+    raw = copy.deepcopy(RAW)
+    raw["bbox"].update(target_norm=5, norm_sample=300, seed=7)
+    bbox = load_config(_write(tmp_path, raw)).bbox
+    assert (bbox.target_norm, bbox.norm_sample, bbox.seed) == (5.0, 300, 7) and type(bbox.target_norm) is float
+
+
+@pytest.mark.parametrize("key,value,error", [
+    ("target_norm", "20", "bbox:target_norm: expected float, got '20'"),
+    ("target_norm", True, "bbox:target_norm: expected float, got True"),
+    ("norm_sample", 10000.0, "bbox:norm_sample: expected int, got 10000.0"),
+    ("seed", False, "bbox:seed: expected int, got False"),
+    ("target_norm", 0.0, "bbox: need target_norm > 0 and norm_sample >= 1, got 0.0, 10000"),
+    ("norm_sample", 0, "bbox: need target_norm > 0 and norm_sample >= 1, got 20.0, 0"),
+    ("norm_seed", 0, "bbox: unknown key(s) ['norm_seed']"),
+])
+def test_bad_bbox_feature_scale_params(tmp_path: Path, key: str, value: Any, error: str) -> None:
+    assert error in _error(_modified(tmp_path, "bbox", key, value))
+
+
+def test_bbox_feature_scale_params_are_required(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    for key in ("target_norm", "norm_sample", "seed"):
+        del raw["bbox"][key]
+    assert "bbox: missing key(s) ['target_norm', 'norm_sample', 'seed']" in _error(_write(tmp_path, raw))
 
 
 @pytest.mark.parametrize("shards", [[0, 2], [], [1], [1, 0]])

@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from test_bbox import write_features
+from helpers import write_features
 
+from stages.core import runs
 from stages import detect
 from stages.core import layout
 from stages.bbox import BoxRegressor
@@ -123,7 +124,7 @@ def test_outputs_coco_json_timing_provenance_and_byte_identical_rerun(cache):
     assert entries[0] == {"image_id": "one", "category_id": 1, "category": "a", "bbox": [14.0, 10.0, 40.0, 40.0],
                           "score": 0.875}
     assert entries[3]["bbox"] == [60.0, 40.0, 40.0, 40.0] and entries[3]["category_id"] == 2
-    timing = json.loads(layout.timing_file(out).read_text())
+    timing = runs.read(out)
     assert timing["images"] == 3 and timing["seconds_per_image"] >= 0
     with PerImageReader([out]) as reader:
         assert reader.json_attr("classes") == CLASSES

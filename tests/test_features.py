@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages.core import runs
 from stages import features, finetune, proposals
 from stages.core import layout
 from stages.core.config import load_config
@@ -183,7 +184,7 @@ def test_train_split_cache_with_the_finetuned_model(cfg):
             _close(cache.rows("pool", i), pool)
             _close(cache.rows("fc", i), fc)
             np.testing.assert_allclose(cache.rows("scores", i), scores, atol=1e-3)
-    timing = json.loads(layout.timing_file(out).read_text())
+    timing = runs.read(out)
     assert timing["images"] == len(props.image_ids) and timing["regions"] == m and timing["regions_per_second"] > 0
 
 
@@ -256,7 +257,7 @@ def test_empty_shard(cfg):
     features.run(params, _finetune(cfg), split, 0, shards, cfg.data.train_split, Path("empty.h5"), num_workers=1)
     with h5py.File("empty.h5") as f:
         assert len(f["image_ids"]) == 0 and f["fc"].shape == (0, 1280) and f["widths"].shape == (0,)
-    assert json.loads(Path("empty.timing.json").read_text())["regions"] == 0
+    assert runs.read(Path("empty.h5"))["regions"] == 0
 
 
 def test_classes_of_another_dataset_are_a_clear_error(cfg):
@@ -271,7 +272,7 @@ def test_classes_of_another_dataset_are_a_clear_error(cfg):
 def test_stale_proposals_are_a_clear_error(cfg):
     split = cfg.data.test_split
     params = dataclasses.replace(cfg.features, model="imagenet")
-    with pytest.raises(ArtifactError, match="written as shard 0 of 2, expected shard 0 of 3"):
+    with pytest.raises(ArtifactError, match=r"written as shard 0 of 2, expected shard 0 of 3 \(stale artifact; rerun the proposals stage\)"):
         features.run(params, _finetune(cfg), split, 0, 3, cfg.data.train_split, Path("out.h5"), num_workers=1)
     attrs = {"stage": "proposals", "split": split, "shard_index": 0, "num_shards": 2}
     with create_per_image(layout.proposals_shard(split, 0), proposals.ROWS, attrs) as writer:

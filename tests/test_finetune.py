@@ -1,46 +1,39 @@
-"""Stage ``finetune``: window labels, mini-batch sampling, a tiny training run, determinism, errors."""
+"""Stage ``finetune``: mini-batch sampling, a tiny training run, determinism, a killed run resumed, errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from stages import finetune, proposals
 from stages.core import layout
+from stages.core.layout import checkpoint_file
 from stages.core.errors import PipelineError
-from stages.finetune import FinetuneError, batch_plan, label_windows, load_model
+from stages.core.faults import KILL_AT
+from stages.finetune import FinetuneError, batch_plan, load_model
 from stages.ops.sampling import SamplingError
 
-GT = np.array([[0, 0, 10, 10], [20, 0, 30, 10]], np.float32)
-GT_LABELS = np.array([3, 1], np.int32)
-
-
-def test_labels_by_hand():
-    windows = np.array(
-        [
-            [0, 0, 10, 5],  # IoU 50/100 = 0.5 exactly with GT[0] -> foreground, class 3 -> label 4
-            [0, 0, 10, 4.9],  # IoU 0.49 with GT[0] -> background
-            [20, 0, 30, 8],  # IoU 0.8 with GT[1] (class 1) -> label 2
-            [5, 0, 25, 10],  # IoU 1/3 with both -> background
-            [2, 0, 30, 10],  # IoU 80/300 with GT[0], 100/280 with GT[1]: both below 0.5 -> background
-            [0, 0, 10, 10],  # GT[0] itself -> label 4
-            [40, 40, 50, 50],  # no overlap -> background
-        ],
-        np.float32,
-    )
-    assert label_windows(windows, GT, GT_LABELS, 0.5).tolist() == [4, 0, 2, 0, 0, 4, 0]
-
-
-def test_labels_take_the_best_ground_truth_of_another_class():
-    # Both windows pass fg_iou for both overlapping ground-truth boxes; the larger IoU decides the class.
-    gt = np.array([[0, 0, 10, 10], [4, 0, 14, 10]], np.float32)  # classes 0 and 2
-    windows = np.array([[3, 0, 13, 10], [1, 0, 11, 10]], np.float32)
-    # [3,0,13,10]: IoU 7/13 = 0.54 with gt0, 9/11 = 0.82 with gt1 -> class 2 -> 3
-    # [1,0,11,10]: IoU 9/11 = 0.82 with gt0, 7/13 = 0.54 with gt1 -> class 0 -> 1
-    assert label_windows(windows, gt, np.array([0, 2]), 0.5).tolist() == [3, 1]
-    assert label_windows(windows, np.zeros((0, 4), np.float32), np.zeros(0), 0.5).tolist() == [0, 0]
+CHECKPOINT = checkpoint_file("finetune")
+TINY = {"weights": "random", "input_size": 64, "batch_size": 8, "iterations": 4, "lr_step": 2}
+# finetune.run in a process of its own, with the workspace's params.yaml and the changes given as JSON
+RUN_SCRIPT = """
+import dataclasses, json, sys
+from pathlib import Path
+from stages import finetune
+from stages.core.config import load_config
+cfg = load_config()
+params = dataclasses.replace(cfg.finetune, **json.loads(sys.argv[1]))
+finetune.run(params, cfg.data.train_split, cfg.sharding.num_shards, Path(sys.argv[2]), Path(sys.argv[3]),
+             num_workers=1, checkpoint_every=int(sys.argv[4]))
+"""
 
 
 def test_batch_plan_depends_on_seed_and_batch_only(tiny_config):
@@ -60,8 +53,7 @@ def _proposals(cfg, split: str) -> None:
 
 
 def _tiny(cfg, **changes):
-    return dataclasses.replace(cfg.finetune, weights="random", input_size=64, batch_size=8, iterations=4,
-                               lr_step=2, **changes)
+    return dataclasses.replace(cfg.finetune, **{**TINY, **changes})
 
 
 def test_tiny_run_trains_saves_and_is_deterministic(workspace, tiny_config):
@@ -70,8 +62,9 @@ def test_tiny_run_trains_saves_and_is_deterministic(workspace, tiny_config):
     _proposals(cfg, split)
     params = _tiny(cfg)
     shards = cfg.sharding.num_shards
-    finetune.run(params, split, shards, workspace / "m1.pt", workspace / "c1.csv", num_workers=1)
-    finetune.run(params, split, shards, workspace / "m2.pt", workspace / "c2.csv", num_workers=2)
+    finetune.run(params, split, shards, workspace / "m1.pt", workspace / "c1.csv", num_workers=1, checkpoint_every=2)
+    assert not CHECKPOINT.exists()  # removed once the model is written
+    finetune.run(params, split, shards, workspace / "m2.pt", workspace / "c2.csv", num_workers=2, checkpoint_every=0)
 
     model = load_model(workspace / "m1.pt")
     classes = model.classes
@@ -84,12 +77,37 @@ def test_tiny_run_trains_saves_and_is_deterministic(workspace, tiny_config):
     rows = [line.split(",") for line in lines[1:]]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r[1]) > 0 and 0 <= float(r[2]) <= 1 for r in rows)
-    # same seed -> same curve, whatever the number of loader workers
+    # same seed -> same curve, whatever the number of loader workers and checkpoints
     assert (workspace / "c2.csv").read_text() == (workspace / "c1.csv").read_text()
     assert (workspace / "m2.pt").read_bytes() == (workspace / "m1.pt").read_bytes()
     saved = torch.load(workspace / "m1.pt", weights_only=True)
     assert saved["num_classes"] == len(classes) + 1 and saved["padding"] == params.padding
     assert not list(workspace.glob(".m1.pt.*"))  # no temporaries left
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_bytes(workspace, tiny_config, capsys):
+    cfg = tiny_config
+    split, shards = cfg.data.train_split, cfg.sharding.num_shards
+    _proposals(cfg, split)
+    changes = {**TINY, "input_size": 32, "batch_size": 4}  # 4 iterations
+    finetune.run(_tiny(cfg, **changes), split, shards, workspace / "whole.pt", workspace / "whole.csv",
+                 num_workers=1, checkpoint_every=1)
+
+    # killed right after its second checkpoint (iteration 2 of 4), in a process of its own
+    env = {**os.environ, KILL_AT: "checkpoint-written:2", "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", RUN_SCRIPT, json.dumps(changes), "resumed.pt", "resumed.csv", "1"],
+                            env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (workspace / "resumed.pt").exists() and not (workspace / "resumed.csv").exists()
+    assert torch.load(CHECKPOINT, weights_only=True)["iteration"] == 2
+
+    capsys.readouterr()
+    finetune.run(_tiny(cfg, **changes), split, shards, workspace / "resumed.pt", workspace / "resumed.csv",
+                 num_workers=1, checkpoint_every=1)
+    assert f"resumed from {CHECKPOINT} at iteration 2" in capsys.readouterr().out
+    assert (workspace / "resumed.pt").read_bytes() == (workspace / "whole.pt").read_bytes()
+    assert (workspace / "resumed.csv").read_text() == (workspace / "whole.csv").read_text()
+    assert not CHECKPOINT.exists()
 
 
 def test_missing_proposal_shard_is_a_clear_error(workspace, tiny_config):
@@ -106,7 +124,7 @@ def test_no_foreground_windows_fail_before_training(workspace, tiny_config, monk
     split = cfg.data.train_split
     proposals.run(cfg.proposals, "raise", split, 0, 1, layout.proposals_shard(split, 0), num_workers=1)
     # A split whose ground truth matches nothing: every window is background.
-    monkeypatch.setattr(finetune, "label_windows", lambda boxes, *_: np.zeros(len(boxes), np.int64))
+    monkeypatch.setattr(finetune, "assign_labels", lambda iou, *_: np.zeros(len(iou), np.int64))
     with pytest.raises(SamplingError, match="no foreground windows"):
         finetune.run(_tiny(cfg), split, 1, workspace / "m.pt", workspace / "c.csv", num_workers=1)
     assert not (workspace / "m.pt").exists()

@@ -1,48 +1,53 @@
-"""The two orchestrators: dvc.yaml and the Luigi tasks declare the same stages, and produce the same artifacts."""
+"""The stage table and what follows from it: the generated dvc.yaml, the Luigi tasks, shared completeness.
+
+The fast tests check the expansions against each other (DVC's own reading of
+the generated ``dvc.yaml`` against the table's concrete instances); the
+end-to-end tests run the tiny DAG with ``dvc repro`` in one fresh project and
+with Luigi in another, then hand each project to the other orchestrator.
+"""
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import pipeline
+from pipeline import dvc_yaml
 from stages.core import layout
 from stages.core.provenance import code_files
+from stages.core.stage import RUNTIME, Refs, address, bindings, instances
+from stages.table import TABLE
 
-from conftest import REPO, tiny_params, write_params
+from helpers import REPO, artifacts, project_copy, sh, tiny_params, write_params
 
-BIN = Path(sys.executable).parent
 # end-to-end runs use one shard (sharding is exercised by test_scale_out)
-SPLITS, SHARDS, RECIPES = ("trainval", "test"), (0,), ("rcnn", "sppnet")
+SHARDS, RECIPES = (0,), ("rcnn", "sppnet")
 
 
-def per_shard(name: str) -> list[str]:
-    return [f"{name}@{s}-{k}" for s in SPLITS for k in SHARDS]
+@pytest.fixture(scope="module")
+def repo_config():
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        pipeline.config.cache_clear()
+        yield pipeline.config()
+    finally:
+        os.chdir(cwd)
+        pipeline.config.cache_clear()
 
 
-def per_recipe(*names: str) -> list[str]:
-    return [f"{name}@{r}" for name in names for r in RECIPES]
-
-
-PROPOSAL_STAGES = per_shard("proposals")
-FEATURE_STAGES = [*per_shard("features"), *per_shard("spp_features"), "spp_finetune", *per_shard("spp_recache")]
-POSTHOC_STAGES = per_recipe("svm", "bbox", "detect", "evaluate")
-
-
-def dvc_stages() -> dict:
+def dvc_stages() -> dict[str, dict]:
+    """DVC's own expansion of the committed dvc.yaml: address -> cmd, deps, params, outs."""
     from dvc.repo import Repo
 
     with Repo(str(REPO)) as repo:
         return {
             stage.addressing: {
                 "cmd": stage.cmd,
-                "deps": {str(Path(d.def_path)) for d in stage.deps if not hasattr(d, "params")},
+                "deps": [str(Path(d.def_path)) for d in stage.deps if not hasattr(d, "params")],
                 "params": {key for d in stage.deps if hasattr(d, "params") for key in d.params},
                 "outs": {str(Path(o.def_path)) for o in stage.outs},
             }
@@ -50,121 +55,67 @@ def dvc_stages() -> dict:
         }
 
 
-def luigi_tasks() -> list[pipeline.StageTask]:
-    todo, seen = [pipeline.RunAll()], []
-    while todo:
-        task = todo.pop()
-        if isinstance(task, pipeline.StageTask) and task not in seen:
-            seen.append(task)
-        todo += pipeline.luigi.task.flatten(task.requires())
-    return seen
+def test_committed_dvc_yaml_is_the_generated_one():
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml.generate(), "stale dvc.yaml: run `make dvc.yaml`"
 
 
-def dvc_name(task: pipeline.StageTask) -> str:
-    """DVC names each stage after its command; matrix stages add their split and shard, or recipe."""
-    name = task.command()[0]
-    if isinstance(task, pipeline.ShardTask):
-        return f"{name}@{task.split}-{task.shard}"
-    return f"{name}@{task.recipe}" if isinstance(task, pipeline.RecipeTask) else name
+def test_dvc_expands_the_table_as_the_luigi_tasks_do(repo_config):
+    stages = dvc_stages()
+    table = {address(stage, item): (stage, item) for stage, item in instances(TABLE, repo_config)}
+    assert sorted(stages) == sorted(table)
+    requirements = {task.address for task in pipeline.RunAll().requires()}
+    assert requirements == set(table)
+    for name, (stage, item) in table.items():
+        refs = Refs.of(repo_config, item)
+        declared = stages[name]
+        assert declared["cmd"] == " ".join(["python -m stages", stage.name,
+                                            *(f"--{dim} {item[dim]}" for dim in stage.fan_out)])
+        assert declared["outs"] == {str(o.path) for o in stage.outputs(refs).values()}, name
+        inputs = [str(Path(p)) for p in dict.fromkeys(str(p) for p in stage.inputs(refs).values())]
+        assert declared["deps"][:len(inputs)] == inputs, name
+        assert declared["params"] == set(stage.params), name
 
 
-@pytest.fixture(scope="module")
-def declared() -> tuple[dict, list]:
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        pipeline.config.cache_clear()
-        return dvc_stages(), luigi_tasks()
-    finally:
-        os.chdir(cwd)
-        pipeline.config.cache_clear()
+def test_code_deps_are_the_import_closure_of_the_stage_and_the_binding():
+    stages = dvc_yaml.generate()
+    for stage in TABLE:
+        files = {str(p.relative_to(REPO)) for p in code_files(stage.module) + code_files("core.stage")}
+        assert f"stages/{stage.module}.py" in files and "stages/core/stage.py" in files
+        assert set(dvc_yaml.stage_code_files(stage)) == files
+        assert all(f"- {f}" in stages for f in files)
+    assert "stages/svm.py" not in dvc_yaml.stage_code_files(TABLE[0])  # synthetic does not import svm
 
 
-def test_dvc_and_luigi_have_the_same_stages(declared):
-    stages, tasks = declared
-    assert sorted(stages) == sorted(dvc_name(t) for t in tasks)
+def test_every_bound_params_key_is_a_declared_dependency():
+    """A section passed whole is covered by itself or by the keys of it the stage reads (declared one by one)."""
+    for stage in TABLE:
+        for name, (_, keys) in bindings(stage).items():
+            for key in keys:
+                covered = key == RUNTIME or any(key == p or p.startswith(f"{key}.") or key.startswith(f"{p}.")
+                                                for p in stage.params)
+                assert covered, f"{stage.name}: run({name}) reads {key}, not among its params {stage.params}"
 
 
-def test_dvc_code_deps_are_exactly_the_stage_imports(declared):
-    stages, tasks = declared
-    for task in tasks:
-        stage = stages[dvc_name(task)]
-        expected = {str(p.relative_to(REPO)) for p in code_files(task.module)}
-        assert {d for d in stage["deps"] if d.startswith("stages/")} == expected, dvc_name(task)
+def test_every_instance_has_its_producers_as_requirements(repo_config):
+    """Luigi links stages by path as DVC does: each input is made by the instances Luigi requires."""
+    tasks = {task.address: task for task in pipeline.RunAll().requires()}
+    assert [t.address for t in tasks["synthetic"].requires()] == []
+    assert sorted(t.address for t in tasks["recall"].requires()) == sorted(
+        ["index", *(f"proposals@{s}-{k}" for s in repo_config.data.splits for k in repo_config.sharding.shards)])
+    assert sorted(t.address for t in tasks["detect@rcnn"].requires()) == sorted(
+        [*(f"features@test-{k}" for k in repo_config.sharding.shards), "svm@rcnn", "bbox@rcnn"])
 
 
-def test_dvc_runs_the_luigi_command_with_the_same_params_and_outs(declared):
-    stages, tasks = declared
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        for task in tasks:
-            stage = stages[dvc_name(task)]
-            assert stage["cmd"] == " ".join(["python -m stages", *task.command()]), dvc_name(task)
-            assert stage["params"] == set(task.params()), dvc_name(task)
-            assert stage["outs"] == {str(p) for p in task.outputs()}, dvc_name(task)
-    finally:
-        os.chdir(cwd)
+def test_the_cli_has_one_command_per_stage():
+    from stages.__main__ import _parser
+
+    commands = _parser()._subparsers._group_actions[0].choices
+    assert set(commands) == {stage.name for stage in TABLE} | {"inspect", "show"}
+    args = _parser().parse_args(["proposals", "--split", "test", "--shard", "1"])
+    assert (args.split, args.shard) == ("test", 1)
 
 
 # --- end to end ---------------------------------------------------------------------------------
-
-
-def project_copy(folder: Path, params: dict) -> Path:
-    folder.mkdir()
-    for name in ("stages", "pipeline"):
-        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "luigi.cfg"):
-        shutil.copy(REPO / name, folder)
-    write_params(folder, params)
-    return folder
-
-
-def sh(folder: Path, *command: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(folder)}
-    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def dvc_repro(folder: Path) -> list[str]:
-    """Run ``dvc repro``; return the names of the stages it ran."""
-    out = sh(folder, "dvc", "repro")
-    return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-
-
-def luigi_run(folder: Path) -> list[str]:
-    """Run the Luigi pipeline; return the task families that ran."""
-    out = sh(folder, "luigi", "--module", "pipeline", "RunAll", "--local-scheduler", "--workers", "2")
-    assert "This progress looks :)" in out, out
-    ran = out.split("ran successfully:")[1].split("\n* ")[0] if "ran successfully:" in out else ""
-    families = {line.strip().split("(")[0].lstrip("- 0123456789").strip() for line in ran.splitlines() if "(" in line}
-    return sorted(families - {"RunAll"})
-
-
-def both(dvc_dir: Path, luigi_dir: Path) -> tuple[list[str], list[str]]:
-    """``dvc repro`` in one folder and the Luigi pipeline in the other, at the same time (the runs are
-    independent, and a tiny stage is mostly its process's start-up on one core): what each ran."""
-    with ThreadPoolExecutor(2) as pool:
-        dvc, luigi = pool.submit(dvc_repro, dvc_dir), pool.submit(luigi_run, luigi_dir)
-        return dvc.result(), luigi.result()
-
-
-def artifacts(folder: Path) -> dict[str, bytes]:
-    """Every HDF5 artifact, the model, curve, detection and mAP files that exist (runs of part of the DAG
-    have only some), and the recall metrics without timings."""
-    found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / layout.CACHE).rglob("*.h5"))}
-    outputs = [layout.FINETUNED_MODEL, layout.FINETUNE_CURVE, layout.SPP_HEAD, layout.SPP_FINETUNE_CURVE]
-    for recipe in RECIPES:
-        outputs += [layout.coco_detections(recipe), layout.map_metrics(recipe), layout.pr_curve(recipe)]
-    for path in outputs:
-        if (folder / path).is_file():
-            found[str(path)] = (folder / path).read_bytes()
-    metrics = json.loads((folder / layout.PROPOSAL_METRICS).read_text())
-    for split in metrics.values():
-        split.pop("seconds_per_image")
-    found["metrics"] = json.dumps(metrics, sort_keys=True).encode()
-    return found
 
 
 def e2e_params() -> dict:
@@ -174,53 +125,104 @@ def e2e_params() -> dict:
     return params
 
 
+def dvc_repro(folder: Path) -> list[str]:
+    """Run ``dvc repro``; return the stage instances it ran."""
+    out = sh(folder, "dvc", "repro")
+    return sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+
+
+def luigi_run(folder: Path) -> list[str]:
+    """Run the Luigi pipeline; return the stage instances whose stage it ran."""
+    out = sh(folder, "luigi", "--module", "pipeline", "RunAll", "--local-scheduler", "--workers", "2")
+    assert "This progress looks :)" in out, out
+    return sorted(line.split("running ")[1].strip() for line in out.splitlines() if line.startswith("pipeline: running"))
+
+
+def dvc_clean(folder: Path) -> bool:
+    return "up to date" in sh(folder, "dvc", "status")
+
+
+ALL = sorted(["synthetic", "index", "recall", "finetune", "spp_finetune",
+              *(f"{name}@{s}-{k}" for name in ("proposals", "features", "spp_features", "spp_recache")
+                for s in ("trainval", "test") for k in SHARDS),
+              *(f"{name}@{r}" for name in ("svm", "bbox", "detect", "evaluate") for r in RECIPES)])
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The tiny pipeline run once by ``dvc repro`` in a git repository and once by Luigi."""
+def projects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two fresh projects, the tiny DAG run by ``dvc repro`` in one and by Luigi in the other, at the same time."""
     root = tmp_path_factory.mktemp("orchestrators")
     dvc_dir, luigi_dir = project_copy(root / "dvc", e2e_params()), project_copy(root / "luigi", e2e_params())
-    sh(dvc_dir, "git", "init", "-q")
-    sh(dvc_dir, "dvc", "init", "-q")
-    expected = ["synthetic", "index", "recall", "finetune", *PROPOSAL_STAGES, *FEATURE_STAGES, *POSTHOC_STAGES]
-    dvc_ran, luigi_ran = both(dvc_dir, luigi_dir)
-    assert sorted(dvc_ran) == sorted(expected)
-    assert luigi_ran == ["Bbox", "Detect", "Evaluate", "Features", "Finetune", "Index", "Proposals",
-                                    "Recall", "SppFeatures", "SppFinetune", "SppRecache", "Svm", "Synthetic"]
+    with ThreadPoolExecutor(2) as pool:
+        dvc_ran, luigi_ran = pool.submit(dvc_repro, dvc_dir), pool.submit(luigi_run, luigi_dir)
+        assert dvc_ran.result() == ALL
+        assert luigi_ran.result() == ALL
     return dvc_dir, luigi_dir
 
 
-def test_both_orchestrators_write_identical_artifacts(runs):
-    dvc_dir, luigi_dir = runs
-    dvc_artifacts, luigi_artifacts = artifacts(dvc_dir), artifacts(luigi_dir)
+def swap(projects: tuple[Path, Path]) -> tuple[list[str], list[str]]:
+    """Luigi in the project DVC ran last, ``dvc repro`` in the one Luigi ran last: what each ran."""
+    dvc_dir, luigi_dir = projects
+    with ThreadPoolExecutor(2) as pool:
+        luigi_ran, dvc_ran = pool.submit(luigi_run, dvc_dir), pool.submit(dvc_repro, luigi_dir)
+        return luigi_ran.result(), dvc_ran.result()
+
+
+@pytest.mark.slow
+def test_both_orchestrators_write_identical_artifacts(projects):
+    dvc_dir, luigi_dir = projects
+    dvc_artifacts = artifacts(dvc_dir)
     # 2 index files, per split and shard proposals, R-CNN features, SPP pyramids and SPP-net features,
     # per recipe an SVM, a box regressor, detections (.h5 and .json), mAP and PR curve; 2 models, 2 curves, recall
     assert len(dvc_artifacts) == 2 + 4 * 2 * len(SHARDS) + 2 * 6 + 4 + 1
-    assert dvc_artifacts == luigi_artifacts
+    assert dvc_artifacts == artifacts(luigi_dir)
     for recipe in RECIPES:
         mean_ap = json.loads((dvc_dir / layout.map_metrics(recipe)).read_text())
         assert 0 <= mean_ap["mAP_voc07"] <= 1 and 0 <= mean_ap["mAP_voc2010"] <= 1
         assert (dvc_dir / layout.figures_dir(recipe) / "pr.png").is_file()
-    metrics = json.loads((dvc_dir / layout.PROPOSAL_METRICS).read_text())
-    assert set(metrics) == {"trainval", "test"} and metrics["trainval"]["images"] == 6
-    assert 0 < metrics["test"]["recall@0.7"] <= metrics["test"]["recall@0.5"] <= 1
     assert "recall@0.5" in sh(dvc_dir, "dvc", "metrics", "show")
+    assert (dvc_dir / "features_cache" / "runs" / "proposals" / "test" / "shard-0.h5.json").is_file()
 
 
-def test_unchanged_rerun_does_nothing(runs):
-    assert both(*runs) == ([], [])
+@pytest.mark.slow
+def test_each_orchestrator_finds_the_others_work_complete(projects):
+    assert swap(projects) == ([], [])
+    assert all(dvc_clean(folder) for folder in projects)
 
 
-def test_a_parameter_change_reruns_exactly_its_dependents(runs):
-    dvc_dir, luigi_dir = runs
+@pytest.mark.slow
+def test_a_parameter_change_reruns_exactly_its_dependents_under_either(projects):
     params = e2e_params()
     params["bbox"]["ridge_lambda"] = 100.0
-    for folder in runs:
+    for folder in projects:
         write_params(folder, params)
-    dvc_ran, luigi_ran = both(*runs)
-    assert sorted(dvc_ran) == sorted(per_recipe("bbox", "detect", "evaluate"))
-    assert luigi_ran == ["Bbox", "Detect", "Evaluate"]
-    assert artifacts(dvc_dir) == artifacts(luigi_dir)
+    expected = sorted(f"{name}@{r}" for name in ("bbox", "detect", "evaluate") for r in RECIPES)
+    assert swap(projects) == (expected, expected)
+    assert swap(projects) == ([], [])
+    assert artifacts(projects[0]) == artifacts(projects[1])
     params["runtime"]["num_workers"] = 1  # how to run, not what: nothing reruns
-    for folder in runs:
+    for folder in projects:
         write_params(folder, params)
-    assert both(*runs) == ([], [])
+    assert swap(projects) == ([], [])
+
+
+@pytest.mark.slow
+def test_a_code_change_reruns_exactly_the_stages_that_import_it(projects):
+    for folder in projects:
+        with open(folder / "stages" / "evaluate.py", "a") as f:
+            f.write("\n# a change\n")
+    expected = [f"evaluate@{r}" for r in RECIPES]
+    assert swap(projects) == (expected, expected)
+    assert swap(projects) == ([], [])
+
+
+@pytest.mark.slow
+def test_an_artifact_edited_by_hand_is_not_complete(projects):
+    dvc_dir, luigi_dir = projects
+    for folder in projects:
+        detections = folder / layout.coco_detections("rcnn")
+        detections.write_text(detections.read_text()[:-20])  # truncated
+    luigi_ran, dvc_ran = swap(projects)
+    assert luigi_ran == dvc_ran == ["detect@rcnn"]  # rewritten identically: evaluate@rcnn is still current
+    assert artifacts(dvc_dir) == artifacts(luigi_dir)
+    assert all(dvc_clean(folder) for folder in projects)

@@ -43,7 +43,7 @@ def test_code_files_exact_small_cases() -> None:
     assert _names("ops.boxes") == ["ops/boxes.py"]  # torch is imported lazily
     assert _names("core.errors") == ["core/errors.py"]
     assert _names("data.images") == ["core/errors.py", "data/images.py"]
-    assert _names("core.store") == ["core/atomic.py", "core/errors.py", "core/store.py"]
+    assert _names("core.store") == ["core/atomic.py", "core/errors.py", "core/faults.py", "core/store.py"]
 
 
 def test_package_markers_are_empty() -> None:

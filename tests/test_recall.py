@@ -85,7 +85,7 @@ def test_run_writes_metrics_and_curves(workspace, tiny_config):
     recall.run(tiny_config.data.splits, 1, layout.PROPOSAL_METRICS)
     metrics = json.loads(layout.PROPOSAL_METRICS.read_text())
     assert set(metrics) == {"trainval", "test"}
-    assert metrics["test"]["images"] == 4 and metrics["test"]["seconds_per_image"] > 0
+    assert metrics["test"]["images"] == 4 and "seconds_per_image" not in metrics["test"]  # a run-to-run fact
     lines = layout.recall_curve("test").read_text().splitlines()
     assert lines[0] == "proposals,recall@0.5,recall@0.7"
     recalls = [float(line.split(",")[1]) for line in lines[1:]]

@@ -27,9 +27,10 @@ import pytest
 import pipeline
 from stages.core import layout
 
-from conftest import tiny_params
-from test_crash_safety import BIN, Processes, environment, luigi_command, task_events, wait_for
-from test_pipeline import artifacts, project_copy
+from helpers import BIN, Processes, artifacts, environment, luigi_command, project_copy, task_events, tiny_params, wait_for
+from pipeline.record import DvcRecord
+
+pytestmark = pytest.mark.slow
 
 SHARDS = [0, 1, 2, 3]
 
@@ -173,7 +174,6 @@ def test_two_worker_processes_compute_each_task_once(luigid, reference, tmp_path
 
 def test_a_killed_worker_process_leaves_its_shard_to_another(luigid, reference, tmp_path, processes):
     folder = project_copy(tmp_path / "ws", scale_params())
-    stamps = folder / pipeline.STAMPS
 
     def writing_a_shard() -> bool:
         return any((folder / layout.PROPOSALS).glob("*/.shard-*.h5.*.tmp.h5"))
@@ -186,7 +186,8 @@ def test_a_killed_worker_process_leaves_its_shard_to_another(luigid, reference, 
         Processes.kill(first)  # the process and its task processes, mid-shard
     first_text = first_log.read_text(errors="replace")
     tasks = stage_tasks()
-    complete = {name for name, task in tasks.items() if (stamps / f"{task.task_id}.sig").is_file()}
+    record = DvcRecord(folder)
+    complete = {name for name, task in tasks.items() if record.is_current(task.address)}
     interrupted = set(events(first_text, "running")) - complete
     assert any(t.startswith("Proposals(") for t in interrupted), f"no shard was being computed:\n{first_text[-3000:]}"
     assert "Recall()" not in complete

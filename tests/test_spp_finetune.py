@@ -6,11 +6,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_spp_features import spp_config, spp_upstream, spp_workspace  # noqa: F401 (fixtures)
+from helpers import spp_config
 
+from stages.core import runs
 from stages.core import layout
 from stages import spp_finetune, spp_recache
 from stages.core.config import load_config
+from stages.core.layout import checkpoint_file
 from stages.data.featureset import FeatureSet
 from stages.spp_finetune import SppFinetuneError, SppHead, load_head, region_labels, sample_regions
 from stages.core.store import ArtifactError, PerImageReader
@@ -65,8 +67,11 @@ def test_tiny_run_trains_saves_is_deterministic_and_recaches(spp_workspace):
     cfg = load_config()
     split, shards = cfg.data.train_split, cfg.sharding.num_shards
     params = _tiny(cfg)
-    spp_finetune.run(params, split, shards, spp_workspace / "h1.pt", spp_workspace / "c1.csv", num_workers=1)
-    spp_finetune.run(params, split, shards, spp_workspace / "h2.pt", spp_workspace / "c2.csv", num_workers=2)
+    spp_finetune.run(params, split, shards, spp_workspace / "h1.pt", spp_workspace / "c1.csv", num_workers=1,
+                     checkpoint_every=2)
+    assert not checkpoint_file("spp_finetune").exists()  # removed once the head is written
+    spp_finetune.run(params, split, shards, spp_workspace / "h2.pt", spp_workspace / "c2.csv", num_workers=2,
+                     checkpoint_every=0)
     assert (spp_workspace / "h1.pt").read_bytes() == (spp_workspace / "h2.pt").read_bytes()
     assert (spp_workspace / "c1.csv").read_text() == (spp_workspace / "c2.csv").read_text()
     lines = (spp_workspace / "c1.csv").read_text().splitlines()
@@ -98,7 +103,7 @@ def test_tiny_run_trains_saves_is_deterministic_and_recaches(spp_workspace):
             assert scores.shape == (len(pool), len(head.classes) + 1) and scores.dtype == np.float32
             np.testing.assert_allclose(scores.sum(1), 1, rtol=1e-5)
         assert features.attrs["recipe"] == "sppnet" and int(features.attrs["fc_dim"]) == 32
-    assert (layout.features_dir("sppnet", split) / "shard-0.timing.json").is_file()
+    assert runs.read(layout.features_shard("sppnet", split, 0)) is not None
 
 
 def test_no_foreground_regions_fail_before_training(spp_workspace, monkeypatch):

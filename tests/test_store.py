@@ -109,6 +109,17 @@ def test_stale_shard_is_rejected(tmp_path: Path) -> None:
     assert "stale" in str(info.value)
 
 
+def test_one_shard_opened_alone_is_checked_against_its_number(tmp_path: Path) -> None:
+    _write(shard_path(tmp_path, 1), ["c"], {**ATTRS, "shard_index": 1, "num_shards": 2})
+    with PerImageReader([shard_path(tmp_path, 1)]) as reader:
+        reader.check_shards(2, [1])
+        stale = r"written as shard 1 of 2, expected shard 1 of 3 \(stale artifact; rerun the test stage\)$"
+        with pytest.raises(ArtifactError, match=stale):
+            reader.check_shards(3, [1])
+        with pytest.raises(ArtifactError, match="expected shard 0 of 2"):
+            reader.check_shards(2)  # by default file k must be shard k
+
+
 def test_unsharded_file_is_not_a_shard(tmp_path: Path) -> None:
     _write(shard_path(tmp_path, 0), ["a"])  # no shard attributes
     with pytest.raises(ArtifactError, match="expected shard 0 of 1"):

@@ -11,7 +11,7 @@ import pytest
 from stages.core import layout
 from stages import svm
 from stages.core.config import SvmParams
-from stages.data.featureset import IMAGE_DATASETS, FeatureSet, feature_row, region_rows
+from stages.data.featureset import IMAGE_DATASETS, FeatureSet, feature_row, norm_sample_rows, region_rows
 from stages.core.store import create_per_image, shard_path
 from stages.svm import HardNegativeMiner, SvmError, SvmModel, load_svm, objective
 
@@ -182,24 +182,13 @@ def test_without_mining_every_negative_is_kept_and_trained_once():
     assert miner.weights[0] == pytest.approx(4 / 3, abs=1e-2)
 
 
-def test_norm_sample_rows():
-    counts = np.array([5, 0, 7, 3])
-    every = svm.norm_sample_rows(counts, 100, 0)  # fewer rows than asked: all of them
-    assert {i: r.tolist() for i, r in every.items()} == {0: list(range(5)), 2: list(range(7)), 3: list(range(3))}
-    some = svm.norm_sample_rows(counts, 6, 0)
-    assert sum(len(r) for r in some.values()) == 6 and all((r < counts[i]).all() for i, r in some.items())
-    assert {i: r.tolist() for i, r in some.items()} == {i: r.tolist() for i, r in svm.norm_sample_rows(counts, 6, 0).items()}
-    many = np.full(1000, 4)
-    assert len(svm.norm_sample_rows(many, 10**6, 0)) == svm.NORM_IMAGES
-
-
 # --- the stage on a synthetic feature cache -------------------------------------------------------
 
 
 def test_stage_scales_mines_and_separates(cache, tmp_path):
     model, report = train(tmp_path)
     with FeatureSet("rcnn", SPLIT, 2) as features:
-        sample = svm.norm_sample_rows(features.counts(), PARAMS.norm_sample, PARAMS.seed)
+        sample = norm_sample_rows(features.counts(), PARAMS.seed, PARAMS.norm_sample, svm.NORM_IMAGES)
         rows = np.concatenate([features.rows("fc", i)[r] for i, r in sample.items()]).astype(np.float32)
     assert len(rows) == report["norm_sample_rows"] == PARAMS.norm_sample
     assert np.linalg.norm(rows * model.feature_scale, axis=1).mean() == pytest.approx(PARAMS.target_norm, rel=1e-5)

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from stages.core import faults
 from stages.core.errors import PipelineError
 
 
@@ -50,7 +51,9 @@ def _remove_stale(path: Path, suffix: str) -> None:
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it to ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. Crash tests
+    kill the process at the fault points (:mod:`stages.core.faults`) ``temporary-complete`` (the
+    temporary is written, closed and verified; the rename is next) and ``renamed`` (it is in place).
     """
     path = Path(path)
     _prepare_parent(path)
@@ -61,7 +64,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o644)
+        faults.reached("temporary-complete")
         os.replace(tmp_path, path)
+        faults.reached("renamed")
     except OSError as exc:
         if isinstance(exc, PipelineError):
             raise

@@ -20,6 +20,9 @@ import yaml
 from stages.core.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+# the feature branches that go through the post-hoc stages (svm, bbox, detect, evaluate)
+Recipe = Literal["rcnn", "sppnet"]
+RECIPES: tuple[str, ...] = typing.get_args(Recipe)
 
 
 class ConfigError(PipelineError, ValueError):
@@ -206,14 +209,23 @@ class SvmParams:
 
 @dataclass(frozen=True)
 class BboxParams:
-    """Class-specific ridge box regressors on pool features (stage ``bbox``, R-CNN step 5)."""
+    """Class-specific ridge box regressors on pool features (stage ``bbox``, R-CNN step 5).
+
+    The pool features are rescaled to mean L2 norm ``target_norm``, estimated on
+    ``norm_sample`` rows drawn with ``seed``: ``ridge_lambda`` is absolute.
+    """
 
     min_iou: float
     ridge_lambda: float
+    target_norm: float
+    norm_sample: int
+    seed: int
 
     def __post_init__(self) -> None:
         if not 0 < self.min_iou <= 1 or self.ridge_lambda < 0:
             raise ConfigError(f"need 0 < min_iou <= 1 and ridge_lambda >= 0, got {self.min_iou}, {self.ridge_lambda}")
+        if self.target_norm <= 0 or self.norm_sample < 1:
+            raise ConfigError(f"need target_norm > 0 and norm_sample >= 1, got {self.target_norm}, {self.norm_sample}")
 
 
 @dataclass(frozen=True)
@@ -225,7 +237,7 @@ class DetectParams:
     scores or the fine-tuned network's softmax probabilities.
     """
 
-    recipes: tuple[Literal["rcnn", "sppnet"], ...]
+    recipes: tuple[Recipe, ...]
     scorer: Literal["svm", "softmax"]
     box_regression: bool
     nms_iou: float
@@ -254,9 +266,18 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class RuntimeParams:
-    """How to run, never what to compute: no stage output depends on these."""
+    """How to run, never what to compute: no stage output depends on these.
+
+    ``checkpoint_every``: training stages write a checkpoint every this many
+    iterations (0 = never), from which a rerun after a crash resumes.
+    """
 
     num_workers: int
+    checkpoint_every: int
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be at least 0, got {self.checkpoint_every}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Where every artifact lives, relative to the repository root.
 
-``dvc.yaml`` spells the same paths out literally; a test checks that it agrees
-with this module and with the Luigi tasks in ``pipeline/``.
+The stage table (:mod:`stages.table`) declares each stage's inputs and outputs
+with these functions; the generated ``dvc.yaml`` and the Luigi tasks follow.
+A function called with DVC template strings (``"${item.split}"``) returns the
+templated path, so path arguments are plain strings, never computed on.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ REPORTS = CACHE / "reports"
 PROPOSAL_METRICS = REPORTS / "proposals.json"
 FINETUNED_MODEL = CACHE / "finetune" / "model.pt"
 FINETUNE_CURVE = REPORTS / "finetune_curve.csv"
+# run-to-run facts (timings) and resumable training state: never DVC outputs, never in git
+RUNS = CACHE / "runs"
+CHECKPOINTS = CACHE / "checkpoints"
 
 
 def index_file(split: str) -> Path:
@@ -31,9 +36,9 @@ def proposals_shard(split: str, shard: int) -> Path:
     return shard_path(proposals_dir(split), shard)
 
 
-def timing_file(shard_file: Path) -> Path:
-    """Wall-clock figures of a shard, kept apart so the HDF5 file itself stays byte-identical."""
-    return shard_file.with_suffix(".timing.json")
+def checkpoint_file(stage: str) -> Path:
+    """A training stage's last checkpoint (removed once its model is written)."""
+    return CHECKPOINTS / f"{stage}.pt"
 
 
 def recall_curve(split: str) -> Path:

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+from stages.core import faults
 from stages.core.atomic import atomic_path
 from stages.core.errors import PipelineError
 
@@ -80,7 +81,10 @@ class PerImageWriter:
             )
 
     def append(self, image_id: str, rows: Mapping[str, np.ndarray], **per_image: Any) -> None:
-        """Add one image's rows (every row dataset, equal lengths) and its per-image values."""
+        """Add one image's rows (every row dataset, equal lengths) and its per-image values.
+
+        Fault point ``image-written`` (:mod:`stages.core.faults`): the image is in the temporary file.
+        """
         if set(rows) != set(self.rows) or set(per_image) != set(self.images):
             raise ValueError(
                 f"{image_id}: got rows {sorted(rows)} and per-image values {sorted(per_image)}, "
@@ -99,6 +103,7 @@ class PerImageWriter:
         self.offsets.append(start + count)
         for name, value in per_image.items():
             self.per_image[name].append(value)
+        faults.reached("image-written")
 
     def finish(self) -> None:
         self.file.create_dataset("image_ids", data=np.array(self.image_ids, dtype=object), dtype=STRING)
@@ -192,13 +197,19 @@ class PerImageReader:
         reader.check_shards(num_shards)
         return reader
 
-    def check_shards(self, num_shards: int) -> None:
-        """Raise :class:`ArtifactError` unless file ``k`` was written as shard ``k`` of ``num_shards``."""
-        for k, f in enumerate(self._files):
+    def check_shards(self, num_shards: int, shards: Sequence[int] | None = None) -> None:
+        """Raise :class:`ArtifactError` unless file ``k`` was written as shard ``shards[k]`` of ``num_shards``.
+
+        ``shards`` defaults to ``0, 1, ...``: all shards, in order. A per-shard stage that opens its
+        one input shard ``K`` alone checks it with ``check_shards(num_shards, [K])``.
+        """
+        expected = range(len(self._files)) if shards is None else shards
+        for path, f, k in zip(self.paths, self._files, expected, strict=True):
             if (int(f.attrs.get("shard_index", -1)), int(f.attrs.get("num_shards", -1))) != (k, num_shards):
+                rerun = f"the {f.attrs['stage']} stage" if "stage" in f.attrs else "its stage"
                 raise ArtifactError(
-                    f"{self.paths[k]}: written as shard {f.attrs.get('shard_index')} of "
-                    f"{f.attrs.get('num_shards')}, expected shard {k} of {num_shards} (stale artifact; rerun the stage)"
+                    f"{path}: written as shard {f.attrs.get('shard_index')} of {f.attrs.get('num_shards')}, "
+                    f"expected shard {k} of {num_shards} (stale artifact; rerun {rerun})"
                 )
 
     def __len__(self) -> int:

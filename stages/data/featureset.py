@@ -27,17 +27,27 @@ so every post-hoc stage depends on exactly one folder per split. For
 ``sppnet`` that folder is written by the re-caching stage: its ``pool`` is a copy
 of the pyramid of ``spp/<split>/`` and its ``fc`` and ``scores`` come from the
 fine-tuned fully connected layers.
+
+Every stage that multiplies cached features by one constant, so that their
+mean L2 norm is a target (the SVMs' fc, the box regressors' pool, SPP-net's
+fc layers on the pyramids), estimates that constant with
+:func:`feature_scale`: the regularisers and learning rates that follow are
+absolute, so they must not depend on the backbone's feature magnitude.
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from stages.ops.boxes import as_boxes, box_iou
+import numpy as np
+from tqdm import tqdm
+
+from stages.ops.boxes import as_boxes
+from stages.ops.sampling import class_iou
+from stages.core.config import RECIPES
 from stages.core.layout import features_dir
 from stages.core.store import ArtifactError, PerImageReader, RowSpec, shard_path
 
 CHUNK_ROWS = 64  # rows per compressed chunk: one image's read touches only a few chunks
-RECIPES = ("rcnn", "sppnet")
 
 
 def region_rows(num_classes: int) -> dict[str, RowSpec]:
@@ -55,18 +65,6 @@ IMAGE_DATASETS = {"widths": np.int32, "heights": np.int32}
 def feature_row(dim: int, precision: str, compression: int) -> RowSpec:
     """A compressed, chunked feature dataset of ``dim`` columns (``compression`` 0 = none)."""
     return RowSpec((dim,), np.dtype(precision), "gzip" if compression else None, CHUNK_ROWS, compression or None)
-
-
-def class_iou(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(M, 4)``, ``(K, 4)``, ``(K,)`` -> ``(M, num_classes)`` float32 best IoU with the ground truth of each class."""
-    boxes, gt_boxes = as_boxes(boxes), as_boxes(gt_boxes)
-    result = np.zeros((len(boxes), num_classes), dtype=np.float32)
-    if len(boxes) and len(gt_boxes):
-        iou = box_iou(boxes, gt_boxes)
-        labels = np.asarray(gt_labels, dtype=np.int64)
-        for c in np.unique(labels):
-            result[:, c] = iou[:, labels == c].max(axis=1)
-    return result
 
 
 def image_regions(
@@ -98,3 +96,60 @@ class FeatureSet(PerImageReader):
     def dim(self, name: str) -> int:
         """Number of columns of feature dataset ``name``."""
         return int(self._files[0][name].shape[1])
+
+
+# --- feature scale -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureScale:
+    """``scale`` brings ``mean_norm``, the mean L2 norm of the ``rows`` sampled feature rows, to the target norm."""
+
+    scale: float
+    mean_norm: float
+    rows: int
+
+
+def norm_sample_rows(
+    counts: np.ndarray, seed: int, max_rows: int | None = None, max_images: int | None = None
+) -> dict[int, np.ndarray]:
+    """``{image: sorted row numbers}``: the seeded sample of rows whose norms estimate the mean norm.
+
+    ``counts (n,)`` are the rows per image. With ``max_images``, that many of the images
+    that have rows are drawn first (all if there are fewer), so that only they are read
+    (R-CNN's ``rcnn_feature_stats.m``); without it every image takes part. Then
+    ``max_rows`` of their rows are drawn uniformly without replacement (all of them if
+    they hold fewer or without ``max_rows``). One generator seeded by ``seed`` makes both draws.
+    """
+    rng = np.random.default_rng(seed)
+    images = np.flatnonzero(np.asarray(counts) > 0)
+    if max_images is not None:
+        images = np.sort(images[rng.permutation(len(images))[:max_images]])
+    starts = np.concatenate([[0], np.cumsum(counts[images])]).astype(np.int64)
+    total = int(starts[-1])
+    chosen = np.arange(total) if max_rows is None else np.sort(rng.choice(total, min(max_rows, total), replace=False))
+    owner = np.searchsorted(starts, chosen, side="right") - 1
+    return {int(images[k]): chosen[owner == k] - starts[k] for k in np.unique(owner)}
+
+
+def feature_scale(
+    reader: PerImageReader, name: str, target_norm: float, seed: int,
+    max_rows: int | None = None, max_images: int | None = None,
+) -> FeatureScale:
+    """The factor that brings the mean L2 norm of the rows of feature dataset ``name`` to ``target_norm``.
+
+    The mean is estimated on the sample of :func:`norm_sample_rows` (``seed``,
+    ``max_rows``, ``max_images``), read image by image, norms in float64.
+    :class:`ArtifactError` if the sampled rows have no positive mean norm.
+    """
+    sample = norm_sample_rows(reader.counts(), seed, max_rows, max_images)
+    norms = [
+        np.linalg.norm(reader.rows(name, i)[rows].astype(np.float64), axis=1)
+        for i, rows in tqdm(sorted(sample.items()), desc=f"{name} feature norms", unit="image")
+    ]
+    norms_all = np.concatenate(norms) if norms else np.zeros(0)
+    mean_norm = float(norms_all.mean()) if len(norms_all) else 0.0
+    if not mean_norm > 0:
+        raise ArtifactError(f"{reader.paths[0].parent}: no {name} features with a positive norm to scale "
+                            f"({len(norms_all)} rows sampled)")
+    return FeatureScale(target_norm / mean_norm, mean_norm, len(norms_all))

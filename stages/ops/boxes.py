@@ -50,11 +50,6 @@ def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     return np.clip(boxes, 0, upper).astype(np.float32)
 
 
-def scale_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
-    """``(N, 4)`` -> ``(N, 4)`` boxes in an image resized by ``factor``."""
-    return (boxes * np.float32(factor)).astype(np.float32)
-
-
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     """``(N, 4)`` ``x, y, w, h`` (OpenCV ``Rect``) -> ``(N, 4)`` ``x1, y1, x2, y2``."""
     boxes = as_boxes(boxes)

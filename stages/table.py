@@ -1,0 +1,125 @@
+"""The stage table: the one place a stage is declared.
+
+Each entry names the stage (and its module ``stages.<module>``, whose
+``run(...)`` it calls), what it fans out over, the ``params.yaml`` keys its
+outputs depend on, and its input and output artifacts. From this table come
+the generated ``dvc.yaml`` (``python -m pipeline dvc-yaml``), the Luigi tasks
+(``pipeline``) and the ``python -m stages <name>`` commands; how ``run``'s
+parameters are bound is :func:`stages.core.stage.arguments`.
+
+Adding a stage: write ``stages/<name>.py`` with a typed ``run(...)``, add one
+entry below, then ``make dvc.yaml``.
+"""
+from __future__ import annotations
+
+from stages.core import layout
+from stages.core.stage import Output, Refs, Stage, metrics, plot
+
+
+def _recall_outputs(r: Refs) -> dict[str, Output]:
+    curves = {f"curve_{i}": plot(layout.recall_curve(split), "proposals", ("recall@0.5", "recall@0.7"),
+                                 f"proposal recall, {split}") for i, split in enumerate(r.splits)}
+    return {"metrics_path": metrics(layout.PROPOSAL_METRICS), **curves}
+
+
+def _split_shard_of_proposals(r: Refs) -> dict[str, str]:
+    return {"images": r.data_root, "index": layout.index_file(r.split),
+            "proposals": layout.proposals_shard(r.split, r.shard)}
+
+
+TABLE: tuple[Stage, ...] = (
+    Stage(
+        name="synthetic", help="generate the default synthetic VOC dataset",
+        params=("synthetic",),
+        outputs=lambda r: {"out_dir": Output(layout.SYNTHETIC)},
+    ),
+    Stage(
+        name="index", help="read and validate the VOC dataset",
+        params=("data",),
+        inputs=lambda r: {"images": r.data_root},
+        outputs=lambda r: {"out_dir": Output(layout.INDEX)},
+    ),
+    Stage(
+        name="proposals", help="selective-search proposals of one shard of one split",
+        fan_out=("split", "shard"), params=("data.on_error", "proposals", "sharding"),
+        inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.split)},
+        outputs=lambda r: {"out_path": Output(layout.proposals_shard(r.split, r.shard))},
+    ),
+    Stage(
+        name="recall", help="proposal recall report (DVC metrics and plots)",
+        params=("data.train_split", "data.test_split", "sharding"),
+        inputs=lambda r: {**{f"index_{s}": layout.index_file(s) for s in r.splits},
+                          **{f"proposals_{s}": layout.proposals_dir(s) for s in r.splits}},
+        outputs=_recall_outputs,
+    ),
+    Stage(
+        name="finetune", help="fine-tune the backbone on warped regions (R-CNN step 2)",
+        params=("data.train_split", "finetune", "sharding"),
+        inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.train_split),
+                          "proposals": layout.proposals_dir(r.train_split)},
+        outputs=lambda r: {"model_path": Output(layout.FINETUNED_MODEL),
+                           "curve_path": plot(layout.FINETUNE_CURVE, "iteration", ("loss", "accuracy"), "fine-tuning")},
+    ),
+    Stage(
+        name="features", help="R-CNN features of one shard of one split (R-CNN step 3)",
+        fan_out=("split", "shard"), params=("data.train_split", "features", "finetune", "sharding"),
+        inputs=lambda r: {**_split_shard_of_proposals(r), "model": layout.FINETUNED_MODEL},
+        outputs=lambda r: {"out_path": Output(layout.features_shard("rcnn", r.split, r.shard))},
+    ),
+    Stage(
+        name="spp_features", help="SPP-net pyramids of the pre-trained conv layers, one shard of one split",
+        fan_out=("split", "shard"),
+        params=("data.train_split", "features.compression", "features.precision", "finetune.arch",
+                "finetune.weights", "sharding", "sppnet"),
+        inputs=_split_shard_of_proposals,
+        outputs=lambda r: {"out_path": Output(layout.spp_shard(r.split, r.shard))},
+    ),
+    Stage(
+        name="spp_finetune", help="train the SPP-net fc layers on cached pyramids",
+        params=("data.train_split", "sharding", "sppnet"),
+        inputs=lambda r: {"pyramids": layout.spp_dir(r.train_split)},
+        outputs=lambda r: {"head_path": Output(layout.SPP_HEAD),
+                           "curve_path": plot(layout.SPP_FINETUNE_CURVE, "iteration", ("loss", "accuracy"),
+                                              "SPP-net fc fine-tuning")},
+    ),
+    Stage(
+        name="spp_recache", help="fine-tuned SPP-net fc features of one shard of one split",
+        fan_out=("split", "shard"), params=("features.compression", "features.precision", "sharding"),
+        inputs=lambda r: {"pyramids": layout.spp_shard(r.split, r.shard), "head_path": layout.SPP_HEAD},
+        outputs=lambda r: {"out_path": Output(layout.features_shard("sppnet", r.split, r.shard))},
+    ),
+    Stage(
+        name="svm", help="per-class linear SVMs with hard-negative mining (R-CNN step 4)",
+        fan_out=("recipe",), params=("data.train_split", "sharding", "svm"),
+        inputs=lambda r: {"features": layout.features_dir(r.recipe, r.train_split)},
+        outputs=lambda r: {"out_path": Output(layout.svm_model(r.recipe)),
+                           "report_path": metrics(layout.svm_report(r.recipe))},
+    ),
+    Stage(
+        name="bbox", help="per-class ridge box regressors (R-CNN step 5)",
+        fan_out=("recipe",), params=("bbox", "data.train_split", "sharding"),
+        inputs=lambda r: {"features": layout.features_dir(r.recipe, r.train_split)},
+        outputs=lambda r: {"out_path": Output(layout.bbox_model(r.recipe))},
+    ),
+    Stage(
+        name="detect", help="detections on the test split: scores, box regression, NMS",
+        fan_out=("recipe",),
+        params=("data.test_split", "detect.box_regression", "detect.max_per_class", "detect.nms_iou",
+                "detect.score_threshold", "detect.scorer", "sharding"),
+        inputs=lambda r: {"features": layout.features_dir(r.recipe, r.test_split),
+                          "svm_path": layout.svm_model(r.recipe), "bbox_path": layout.bbox_model(r.recipe)},
+        outputs=lambda r: {"out_path": Output(layout.detections_file(r.recipe)),
+                           "coco_path": Output(layout.coco_detections(r.recipe))},
+    ),
+    Stage(
+        name="evaluate", help="PASCAL VOC AP and mAP, precision-recall curves, gallery",
+        fan_out=("recipe",), params=("data.test_split", "evaluate"),
+        inputs=lambda r: {"index": layout.index_file(r.test_split),
+                          "detections_path": layout.detections_file(r.recipe)},
+        outputs=lambda r: {"metrics_path": metrics(layout.map_metrics(r.recipe)),
+                           "pr_path": plot(layout.pr_curve(r.recipe), "recall"),
+                           "figures_dir": Output(layout.figures_dir(r.recipe))},
+    ),
+)
+
+STAGES = {stage.name: stage for stage in TABLE}
