@@ -8,41 +8,14 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import write_features
 from stages import bbox
 from stages.core import layout
 from stages.bbox import BoxRegressor, fit_class, image_targets, load_bbox, paired_iou
 from stages.ops.boxes import box_iou, decode_boxes, encode_boxes
 from stages.core.config import BboxParams
-from stages.data.featureset import IMAGE_DATASETS, FeatureSet, class_iou, feature_row, norm_sample_rows, region_rows
-from stages.core.store import ArtifactError, RowSpec, create_per_image, shard_path
-
-
-def write_features(split: str, images: list[dict], classes: list[str], num_shards: int = 1, **attrs) -> None:
-    """rcnn feature shards of ``images`` (dicts: id, boxes, gt_label, pool, fc, scores, size; iou optional).
-
-    ``iou`` defaults to each row's best IoU with the image's ground-truth rows of each class.
-    Images are split into ``num_shards`` consecutive runs, as proposal shards are.
-    """
-    first = images[0]
-    rows = {
-        **region_rows(len(classes)),
-        "pool": feature_row(first["pool"].shape[1], "float16", 4),
-        "fc": feature_row(first["fc"].shape[1], "float16", 4),
-        "scores": RowSpec((len(classes) + 1,), np.float32),
-    }
-    for k, part in enumerate(np.array_split(np.arange(len(images)), num_shards)):
-        shard_attrs = {"classes": classes, "split": split, "shard_index": k, "num_shards": num_shards,
-                       "recipe": "rcnn", **attrs}
-        with create_per_image(shard_path(layout.features_dir("rcnn", split), k), rows, shard_attrs,
-                              IMAGE_DATASETS) as writer:
-            for i in part:
-                image = images[i]
-                boxes, labels = np.asarray(image["boxes"], np.float32), np.asarray(image["gt_label"], np.int32)
-                gt = labels >= 0
-                iou = image.get("iou", class_iou(boxes, boxes[gt], labels[gt], len(classes)))
-                values = {"boxes": boxes, "gt_label": labels, "iou": iou, "pool": image["pool"], "fc": image["fc"],
-                          "scores": image["scores"]}
-                writer.append(image["id"], values, widths=image["size"][0], heights=image["size"][1])
+from stages.data.featureset import FeatureSet, class_iou, norm_sample_rows
+from stages.core.store import ArtifactError, shard_path
 
 
 # --- synthetic data: the pool features are a fixed linear function of each box's true offsets --------

@@ -56,6 +56,7 @@ def _tiny(cfg, **changes):
     return dataclasses.replace(cfg.finetune, **{**TINY, **changes})
 
 
+@pytest.mark.slow
 def test_tiny_run_trains_saves_and_is_deterministic(workspace, tiny_config):
     cfg = tiny_config
     split = cfg.data.train_split
@@ -85,6 +86,7 @@ def test_tiny_run_trains_saves_and_is_deterministic(workspace, tiny_config):
     assert not list(workspace.glob(".m1.pt.*"))  # no temporaries left
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_bytes(workspace, tiny_config, capsys):
     cfg = tiny_config
     split, shards = cfg.data.train_split, cfg.sharding.num_shards

@@ -223,6 +223,7 @@ def test_an_artifact_edited_by_hand_is_not_complete(projects):
         detections = folder / layout.coco_detections("rcnn")
         detections.write_text(detections.read_text()[:-20])  # truncated
     luigi_ran, dvc_ran = swap(projects)
-    assert luigi_ran == dvc_ran == ["detect@rcnn"]  # rewritten identically: evaluate@rcnn is still current
+    assert luigi_ran == ["detect@rcnn"]  # rewritten identically: evaluate@rcnn is still current
+    assert dvc_ran in ([], ["detect@rcnn"])  # DVC may restore the output from its run cache instead
     assert artifacts(dvc_dir) == artifacts(luigi_dir)
     assert all(dvc_clean(folder) for folder in projects)

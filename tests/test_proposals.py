@@ -106,6 +106,7 @@ def test_shard_slices_partition_the_images_in_order(num_images: int, num_shards:
     assert covered == list(range(num_images))
 
 
+@pytest.mark.slow
 def test_run_is_byte_identical_and_shards_equal_one_piece(tiny_config: Config):
     split = tiny_config.data.train_split
     whole = run_split(tiny_config, split, 1)

@@ -121,13 +121,6 @@ def luigid(tmp_path: Path):
         proc.wait(timeout=10)
 
 
-@pytest.fixture
-def processes():
-    started = Processes()
-    yield started
-    started.close()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The artifacts of one ``--local-scheduler`` process."""

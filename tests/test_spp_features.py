@@ -5,64 +5,24 @@ also used by ``test_spp_finetune.py``); each test works on a private copy.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import replace_section
+from helpers import replace_section, run_spp, spp_config
 
 from stages.core import runs
 from stages.core import layout
-from stages import proposals, spp_features
 from stages.models.backbones import build_backbone
-from stages.core.config import Config, load_config
+from stages.core.config import load_config
 from stages.data.images import load_image
 from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_pool
 from stages.core.store import ArtifactError, PerImageReader
 
 LEVELS = (1, 2)
 CHANNELS = 112  # efficientnet_lite0's stride-16 map
-
-
-def spp_config(cfg: Config) -> Config:
-    """The tiny config with a small single scale and a two-level pyramid, to stay fast."""
-    return replace_section(cfg, "sppnet", scales=(128,), levels=LEVELS, max_side=256)
-
-
-def run_spp(cfg: Config, split: str, shard: int, out: Path, num_workers: int = 1) -> None:
-    spp_features.run(cfg.sppnet, cfg.features, cfg.finetune, split, shard, cfg.sharding.num_shards,
-                     cfg.data.train_split, out, num_workers=num_workers)
-
-
-@pytest.fixture(scope="session")
-def spp_upstream(tmp_path_factory: pytest.TempPathFactory, tiny_workspace: Path) -> Path:
-    """The tiny workspace with proposals and pyramids of every shard of both splits (built once per session)."""
-    folder = tmp_path_factory.getbasetemp() / "spp-upstream"
-    if (folder / "built").exists():  # this fixture is imported by two test modules: build once
-        return folder
-    shutil.copytree(tiny_workspace, folder, symlinks=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        cfg = spp_config(load_config())
-        for split in cfg.data.splits:
-            for shard in cfg.sharding.shards:
-                proposals.run(cfg.proposals, "raise", split, shard, cfg.sharding.num_shards,
-                              layout.proposals_shard(split, shard), num_workers=1)
-                run_spp(cfg, split, shard, layout.spp_shard(split, shard))
-    (folder / "built").touch()
-    return folder
-
-
-@pytest.fixture
-def spp_workspace(spp_upstream: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private copy of :func:`spp_upstream`, made the working directory."""
-    folder = tmp_path / "ws"
-    shutil.copytree(spp_upstream, folder, symlinks=True)
-    monkeypatch.chdir(folder)
-    return folder
 
 
 def test_shards_hold_the_proposal_images_with_ground_truth_on_the_training_split(spp_workspace):
@@ -121,6 +81,7 @@ def test_pool_equals_a_direct_forward_and_pyramid(spp_workspace):
         np.testing.assert_allclose(pool[row].astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_multi_scale_pools_each_box_at_its_own_scale(spp_workspace):
     cfg = spp_config(load_config())
     split = cfg.data.test_split

@@ -63,6 +63,7 @@ def _tiny(cfg, **changes):
     return dataclasses.replace(spp_config(cfg).sppnet, hidden=32, batch_size=16, iterations=4, lr_step=2, **changes)
 
 
+@pytest.mark.slow
 def test_tiny_run_trains_saves_is_deterministic_and_recaches(spp_workspace):
     cfg = load_config()
     split, shards = cfg.data.train_split, cfg.sharding.num_shards
