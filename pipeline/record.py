@@ -35,18 +35,19 @@ class DvcRecord:
     def __init__(self, root: Path = Path(".")) -> None:
         self.root = root
         self._repo = None
+        self._stages: dict[str, object] = {}  # DVC drops its index after every lock: keep the stages
         self._loaded_from: tuple[int, int] | None = None  # dvc.lock's mtime and size when loaded
         self._pid = os.getpid()  # the process that loaded it
 
     def is_current(self, address: str) -> bool:
         """True when the stage instance's outputs are what its current command, params and inputs give."""
-        with self._locked() as repo:
-            return not self._stage(repo, address).changed()
+        with self._locked():
+            return not self._stage(address).changed()
 
     def commit(self, address: str) -> None:
         """Record the stage instance's outputs in ``dvc.lock`` and DVC's cache, as ``dvc repro`` would."""
         with self._locked() as repo:
-            repo.commit(address, force=True)
+            repo.commit(f"{self.root / 'dvc.yaml'}:{address}", force=True)
         self._loaded_from = None  # our own write: reload before the next read
 
     @contextmanager
@@ -72,6 +73,7 @@ class DvcRecord:
                 self._repo = Repo(str(self.root))
             except Exception as exc:  # dvc raises NotDvcRepoError and friends
                 raise RecordError(f"{self.root.resolve()}: not a DVC repository ({exc})") from None
+            self._stages = {stage.name: stage for stage in self._repo.index.stages}
             self._loaded_from, self._pid = stamp, os.getpid()
         return self._repo
 
@@ -82,9 +84,7 @@ class DvcRecord:
             return (0, 0)
         return (info.st_mtime_ns, info.st_size)
 
-    @staticmethod
-    def _stage(repo, address: str):
-        matches = [stage for stage in repo.index.stages if stage.addressing == address]
-        if not matches:
+    def _stage(self, address: str):
+        if address not in self._stages:
             raise RecordError(f"dvc.yaml has no stage {address!r}: regenerate it (make dvc.yaml)")
-        return matches[0]
+        return self._stages[address]
