@@ -39,8 +39,8 @@ from bench.common import on_datasets, print_table
 from stages import features, proposals
 from stages.core import layout
 from stages.core.config import Config, FeatureParams
-from stages.data.images import load_image
 from stages.core.store import PerImageReader
+from stages.data.images import load_image
 from stages.ops.warp import to_tensor_batch, warp_regions
 
 IMAGES = 8

@@ -10,8 +10,8 @@ import dataclasses
 import json
 
 from bench.common import BCCD, Workspace, print_table
-from stages.core import layout
 from stages import proposals, recall
+from stages.core import layout
 from stages.core.store import PerImageReader
 
 SETTINGS = {

@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 
 from bench.common import on_datasets, print_table
-from stages.core import layout
 from stages import proposals, recall
+from stages.core import layout
 from stages.core.config import Config
-from stages.data.images import load_image
 from stages.core.store import PerImageReader
+from stages.data.images import load_image
 
 
 def baseline(cfg: Config, split: str) -> tuple[list[np.ndarray], float]:

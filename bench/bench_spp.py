@@ -43,8 +43,8 @@ from bench.common import on_datasets, print_table
 from stages import features, proposals, spp_features
 from stages.core import layout
 from stages.core.config import Config
-from stages.ops.spp import pyramid_pool
 from stages.core.store import PerImageReader
+from stages.ops.spp import pyramid_pool
 
 IMAGES = 8
 FEATURE_DATASETS = ("pool", "fc", "scores")

@@ -4,12 +4,12 @@ For every image of the test split's feature cache, in index order, only its
 proposal rows (``gt_label == -1``) are used:
 
 1. Scores ``(M, C)``: ``scorer: svm`` applies the class SVMs to the ``fc``
-   features (:meth:`stages.svm.SvmModel.scores`); ``scorer: softmax`` takes the
+   features (:meth:`stages.models.svm.SvmModel.scores`); ``scorer: softmax`` takes the
    cached network probabilities without the background column
    (``scores[:, 1:]``), which only a network fine-tuned for detection has.
 2. Per class, boxes scoring at least ``score_threshold`` are kept; with
    ``box_regression`` each is moved by the class's box regressor
-   (:meth:`stages.bbox.BoxRegressor.predict` on its ``pool`` features), then
+   (:meth:`stages.models.box_regressor.BoxRegressor.predict` on its ``pool`` features), then
    clipped to the image; boxes left with no area are dropped.
 3. Greedy NMS per class at ``nms_iou`` (:func:`torchvision.ops.nms`), then at most
    ``max_per_class`` detections per class, the highest scoring.
@@ -47,13 +47,13 @@ from tqdm import tqdm
 
 from stages.core import runs
 from stages.core.atomic import atomic_path
-from stages.bbox import BoxRegressor, load_bbox
-from stages.ops.boxes import as_boxes, clip_boxes
 from stages.core.config import DetectParams, as_dict
-from stages.data.featureset import FeatureSet
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, RowSpec, create_per_image
-from stages.svm import SvmModel, load_svm
+from stages.data.featureset import FeatureSet
+from stages.models.box_regressor import BoxRegressor, load_bbox
+from stages.models.svm import SvmModel, load_svm
+from stages.ops.boxes import as_boxes, clip_boxes
 
 ROWS = {"boxes": RowSpec((4,), np.float32), "scores": RowSpec((), np.float32), "labels": RowSpec((), np.int32)}
 

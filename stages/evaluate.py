@@ -59,12 +59,12 @@ from cycler import cycler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from stages.core.atomic import atomic_dir, write_text  # noqa: E402
-from stages.ops.boxes import box_iou  # noqa: E402
 from stages.core.config import EvaluateParams  # noqa: E402
-from stages.tools.drawing import draw_detections, draw_ground_truth, image_axes, save  # noqa: E402
-from stages.data.images import load_image  # noqa: E402
 from stages.core.layout import index_file  # noqa: E402
 from stages.core.store import ArtifactError, PerImageReader  # noqa: E402
+from stages.data.images import load_image  # noqa: E402
+from stages.ops.boxes import box_iou  # noqa: E402
+from stages.tools.drawing import draw_detections, draw_ground_truth, image_axes, save  # noqa: E402
 
 TP, FP, IGNORED = 1, 0, -1  # outcome of one detection
 DETECTION_ROWS = ("boxes", "scores", "labels")

@@ -67,14 +67,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from stages.core import runs
-from stages.core.device import autocast, pick_device
 from stages.core.config import FeatureParams, FinetuneParams, as_dict
+from stages.core.device import autocast, pick_device
 from stages.core.errors import PipelineError
-from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
-from stages.data.images import load_image
 from stages.core.layout import FINETUNED_MODEL, index_file, proposals_shard
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, PerImageReader, PerImageWriter, RowSpec, create_per_image
+from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
+from stages.data.images import load_image
 from stages.ops.warp import to_tensor_batch, warp_regions
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ def load_network(
     # Imported here, not at the top: each spawned loader worker imports this module for RegionChunks,
     # and torchvision (imported by the model code) would add about 2 s to every worker's start.
     from stages.models.backbones import build_backbone
-    from stages.finetune import load_model
+    from stages.models.finetuned import load_model
 
     if params.model == "finetuned":
         model = load_model(FINETUNED_MODEL)

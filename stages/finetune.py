@@ -46,23 +46,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stages.core.engine import Checkpointing, Schedule, single_threaded_worker, train, write_torch
-from stages.models.backbones import Backbone, build_backbone
-from stages.ops.boxes import as_boxes, box_iou
 from stages.core.config import FinetuneParams, as_dict
-from stages.core.errors import PipelineError
-from stages.data.images import load_image
+from stages.core.engine import Checkpointing, Schedule, single_threaded_worker, train, write_torch
 from stages.core.layout import checkpoint_file, index_file, proposals_dir
 from stages.core.provenance import code_version, file_digest
-from stages.ops.sampling import assign_labels, sample_batch
 from stages.core.store import PerImageReader, shard_path
+from stages.data.images import load_image
+from stages.models.backbones import build_backbone
+from stages.ops.boxes import as_boxes, box_iou
+from stages.ops.sampling import assign_labels, sample_batch
 from stages.ops.warp import to_tensor_batch, warp_regions
 
 IMAGE_CACHE = 8  # decoded images kept per loader worker
-
-
-class FinetuneError(PipelineError, ValueError):
-    """The training windows cannot make the requested mini-batches, or a model file is unusable."""
 
 
 # --- windows -------------------------------------------------------------------------------------
@@ -162,31 +157,6 @@ class WindowBatches(Dataset):
 def _init_worker(worker: int) -> None:
     cv2.setNumThreads(1)
     single_threaded_worker(worker)
-
-
-# --- model ---------------------------------------------------------------------------------------
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
-    """The fine-tuned :class:`Backbone` saved by :func:`run`, in eval mode, with ``input_size`` and ``padding`` set.
-
-    The file's ``classes`` (without background; logits are ``len(classes) + 1``-way,
-    0 = background) stay available as ``model.classes``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneError(f"{path}: model file not found (run the finetune stage first)")
-    try:
-        saved = torch.load(path, map_location=map_location, weights_only=True)
-        model = build_backbone(saved["arch"], "random", saved["num_classes"])
-        model.load_state_dict(saved["state_dict"], strict=True)
-    except (KeyError, RuntimeError, OSError, ValueError) as exc:
-        raise FinetuneError(f"{path}: not a fine-tuned model file of this pipeline ({exc})") from None
-    model.input_size = int(saved["input_size"])
-    model.padding = int(saved["padding"])
-    model.mean, model.std = tuple(saved["mean"]), tuple(saved["std"])
-    model.classes = list(saved["classes"])
-    return model.eval()
 
 
 def run(

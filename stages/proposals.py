@@ -34,13 +34,13 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.core import faults, runs
-from stages.ops.boxes import as_boxes, clip_boxes, min_side, unique_boxes, xywh_to_xyxy
 from stages.core.config import ProposalParams, as_dict
 from stages.core.errors import PipelineError
-from stages.data.images import ImageError, load_image
 from stages.core.layout import index_file
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader, RowSpec, create_per_image
+from stages.data.images import ImageError, load_image
+from stages.ops.boxes import as_boxes, clip_boxes, min_side, unique_boxes, xywh_to_xyxy
 
 ROWS = {"boxes": RowSpec((4,), np.float32)}
 _LIBC = ctypes.CDLL(None)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from stages.core.atomic import write_text
-from stages.ops.boxes import box_iou
 from stages.core.layout import index_file, proposals_dir, recall_curve
 from stages.core.store import PerImageReader
+from stages.ops.boxes import box_iou
 
 THRESHOLDS = (0.5, 0.7)
 CURVE_POINTS = (1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 3000, 5000, 10000)

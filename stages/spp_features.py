@@ -44,15 +44,15 @@ import torch
 from tqdm import tqdm
 
 from stages.core import runs
-from stages.core.device import autocast, pick_device
-from stages.models.backbones import Backbone, build_backbone
 from stages.core.config import FeatureParams, FinetuneParams, SppParams, as_dict
-from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
-from stages.data.images import load_image
+from stages.core.device import autocast, pick_device
 from stages.core.layout import index_file, proposals_shard
 from stages.core.provenance import code_version, file_digest
-from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
 from stages.core.store import PerImageReader, create_per_image
+from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
+from stages.data.images import load_image
+from stages.models.backbones import Backbone, build_backbone
+from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
 
 RECIPE = "sppnet"
 T = TypeVar("T")

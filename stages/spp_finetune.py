@@ -27,7 +27,8 @@ their number.
 Features are cast to float32 and multiplied by ``feature_scale``, set once so
 that the mean L2 norm over the rows of a seeded sample of :data:`NORM_IMAGES`
 images is ``sqrt(pool_dim)`` (unit root-mean-square per dimension): the
-learning rate then does not depend on the backbone's feature magnitude.
+learning rate then does not depend on the backbone's feature magnitude
+(:func:`stages.data.featureset.feature_scale`).
 
 Outputs: the head file (``torch.save`` of a dict: ``classes``, ``num_classes``,
 ``pool_dim``, ``hidden``, ``dropout``, ``levels``, ``feature_scale``,
@@ -41,54 +42,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from stages.core.config import SppParams, as_dict
 from stages.core.engine import Checkpointing, Schedule, train, write_torch
 from stages.core.errors import PipelineError
-from stages.ops.sampling import assign_labels, sample_batch
 from stages.core.layout import checkpoint_file, spp_dir
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader
+from stages.data.featureset import feature_scale
+from stages.models.spp_head import SppHead
+from stages.ops.sampling import assign_labels, sample_batch
 
 NORM_IMAGES = 16  # images whose rows estimate the mean feature norm
 
 
 class SppFinetuneError(PipelineError, ValueError):
     """The cached pyramids cannot make the requested mini-batches, or a head file is unusable."""
-
-
-class SppHead(nn.Module):
-    """SPP-net's fc6, fc7 (``hidden``, for the SVMs) and fc8 (``num_outputs`` logits, 0 = background).
-
-    Every method takes raw cached pyramids ``(N, pool_dim)`` (any float dtype)
-    and applies ``feature_scale`` itself.
-    """
-
-    def __init__(self, pool_dim: int, hidden: int, num_outputs: int, dropout: float, feature_scale: float = 1.0):
-        super().__init__()
-        self.pool_dim, self.fc_dim = pool_dim, hidden
-        self.register_buffer("feature_scale", torch.tensor(feature_scale, dtype=torch.float32))
-        self.hidden = nn.Sequential(
-            nn.Linear(pool_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc6
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc7
-        )
-        self.classifier = nn.Linear(hidden, num_outputs)  # fc8
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
-
-    def fc7(self, pool: Tensor) -> Tensor:
-        """``(N, pool_dim)`` -> ``(N, hidden)`` fc7 features (after ReLU)."""
-        return self.hidden(pool.float() * self.feature_scale)
-
-    def forward(self, pool: Tensor) -> Tensor:
-        """``(N, pool_dim)`` -> ``(N, C + 1)`` logits."""
-        return self.classifier(self.fc7(pool))
-
-    def scores(self, pool: Tensor) -> Tensor:
-        """``(N, pool_dim)`` -> ``(N, C + 1)`` softmax probabilities, column 0 = background."""
-        return torch.softmax(self(pool), dim=1)
 
 
 def region_labels(gt_label: np.ndarray, iou: np.ndarray, fg_iou: float) -> np.ndarray:
@@ -152,35 +123,6 @@ def count_labels(reader: PerImageReader, fg_iou: float) -> np.ndarray:
     return counts
 
 
-def feature_scale(reader: PerImageReader, images: np.ndarray, seed: int) -> float:
-    """The factor that brings the mean L2 norm of the rows of :data:`NORM_IMAGES` seeded images to ``sqrt(dim)``."""
-    rng = np.random.default_rng(seed)  # not [seed, b]: a stream apart from every mini-batch's
-    sample = rng.choice(images, size=min(NORM_IMAGES, len(images)), replace=False)
-    total, count, dim = 0.0, 0, 1
-    for i in np.sort(sample):
-        pool = reader.rows("pool", i).astype(np.float64)
-        total, count, dim = total + np.linalg.norm(pool, axis=1).sum(), count + len(pool), pool.shape[1]
-    if count == 0 or total == 0:
-        raise SppFinetuneError(f"{reader.paths[0].parent}: the sampled pyramids are all zero; cannot scale them")
-    return float(math.sqrt(dim) * count / total)
-
-
-def load_head(path: str | Path, map_location: str | torch.device = "cpu") -> SppHead:
-    """The :class:`SppHead` saved by :func:`run`, in eval mode, with ``classes`` and ``levels`` set."""
-    path = Path(path)
-    if not path.is_file():
-        raise SppFinetuneError(f"{path}: head file not found (run the spp_finetune stage first)")
-    try:
-        saved = torch.load(path, map_location=map_location, weights_only=True)
-        head = SppHead(saved["pool_dim"], saved["hidden"], saved["num_classes"], saved["dropout"])
-        head.load_state_dict(saved["state_dict"], strict=True)
-    except (KeyError, RuntimeError, OSError, ValueError) as exc:
-        raise SppFinetuneError(f"{path}: not an SPP-net head file of this pipeline ({exc})") from None
-    head.classes = list(saved["classes"])
-    head.levels = tuple(saved["levels"])
-    return head.eval()
-
-
 def run(params: SppParams, train_split: str, num_shards: int, head_path: Path, curve_path: Path,
         num_workers: int = 0, checkpoint_every: int = 20,
         checkpoint_path: Path = checkpoint_file("spp_finetune")) -> None:
@@ -200,7 +142,7 @@ def run(params: SppParams, train_split: str, num_shards: int, head_path: Path, c
             raise SppFinetuneError(f"{folder}: no foreground regions (sppnet.fg_iou, or the split's ground truth)")
         if len(images) == 0:
             raise SppFinetuneError(f"{folder}: no regions to train on")
-        scale = feature_scale(reader, images, params.seed)
+        scale = feature_scale(reader, "pool", math.sqrt(pool_dim), params.seed, max_images=NORM_IMAGES).scale
         inputs = {f"spp/{k}": file_digest(path) for k, path in enumerate(reader.paths)}
 
     head_file = {

@@ -2,7 +2,7 @@
 
 Reads shard ``K`` of the SPP pyramids (``features_cache/spp/<split>/shard-K.h5``,
 stage ``spp_features``) and runs each image's pyramids through the fine-tuned
-fc6-fc7 and fc8 (:func:`stages.spp_finetune.load_head`, eval mode, no dropout)
+fc6-fc7 and fc8 (:func:`stages.models.spp_head.load_head`, eval mode, no dropout)
 in batches of :data:`BATCH_ROWS` rows.
 
 Output per shard: ``features_cache/features/sppnet/<split>/shard-K.h5``, the
@@ -25,13 +25,13 @@ import torch
 from tqdm import tqdm
 
 from stages.core import runs
-from stages.core.device import pick_device
 from stages.core.config import FeatureParams
-from stages.data.featureset import IMAGE_DATASETS, feature_row, region_rows
+from stages.core.device import pick_device
 from stages.core.layout import spp_shard
 from stages.core.provenance import code_version, file_digest
-from stages.spp_finetune import SppHead, load_head
 from stages.core.store import ArtifactError, PerImageReader, create_per_image
+from stages.data.featureset import IMAGE_DATASETS, feature_row, region_rows
+from stages.models.spp_head import SppHead, load_head
 
 RECIPE = "sppnet"
 BATCH_ROWS = 1024  # pyramids per pass through the fc layers: memory is bounded by this, not by regions per image

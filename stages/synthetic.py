@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stages.core.atomic import atomic_dir
-from stages.ops.boxes import intersection_over_smaller
 from stages.core.config import ConfigError, SyntheticParams
 from stages.data.voc import VocObject, write_annotation
+from stages.ops.boxes import intersection_over_smaller
 
 CLASSES = ("cross", "disc", "rectangle", "ring", "triangle")
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# REPO, BCCD, replace_section, tiny_params: imported from here by modules not yet moved to helpers
+from helpers import BCCD, REPO, Processes, replace_section, run_spp, spp_config, tiny_params, write_params  # noqa: F401
+
 from stages import index, proposals, synthetic
 from stages.core import layout
 from stages.core.config import Config, load_config
-
-# REPO, BCCD, replace_section, tiny_params: imported from here by modules not yet moved to helpers
-from helpers import BCCD, REPO, Processes, replace_section, run_spp, spp_config, tiny_params, write_params  # noqa: F401
 
 
 @pytest.fixture(scope="session")

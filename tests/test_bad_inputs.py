@@ -37,12 +37,11 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
+from conftest import REPO, tiny_params, write_params
 from PIL import Image, ImageDraw
 
-from conftest import REPO, tiny_params, write_params
-from stages.core import runs
 from stages import features, index, proposals
-from stages.core import layout
+from stages.core import layout, runs
 from stages.core.config import Config, load_config
 from stages.core.store import PerImageReader
 from stages.data.voc import DataError

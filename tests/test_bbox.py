@@ -7,16 +7,16 @@ import json
 import h5py
 import numpy as np
 import pytest
-
 from helpers import write_features
-from stages import bbox
-from stages.core import layout
-from stages.bbox import BoxRegressor, fit_class, image_targets, load_bbox, paired_iou
-from stages.ops.boxes import box_iou, decode_boxes, encode_boxes
-from stages.core.config import BboxParams
-from stages.data.featureset import FeatureSet, class_iou, norm_sample_rows
-from stages.core.store import ArtifactError, shard_path
 
+from stages import bbox
+from stages.bbox import fit_class, image_targets, paired_iou
+from stages.core import layout
+from stages.core.config import BboxParams
+from stages.core.store import ArtifactError, shard_path
+from stages.data.featureset import FeatureSet, class_iou, norm_sample_rows
+from stages.models.box_regressor import BoxRegressor, load_bbox
+from stages.ops.boxes import box_iou, decode_boxes, encode_boxes
 
 # --- synthetic data: the pool features are a fixed linear function of each box's true offsets --------
 

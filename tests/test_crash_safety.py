@@ -41,9 +41,17 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+from helpers import (
+    Processes,
+    artifacts,
+    environment,
+    luigi_command,
+    project_copy,
+    ran_instances,
+    run_to_end,
+    tiny_params,
+)
 
-from helpers import (Processes, artifacts, environment, luigi_command, project_copy, ran_instances, run_to_end,
-                     tiny_params)
 from stages import proposals
 from stages.__main__ import main as cli_main
 from stages.core import faults, layout, runs

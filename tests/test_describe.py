@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from stages.core.errors import PipelineError
-from stages.tools.describe import describe
 from stages.core.store import RowSpec, create_per_image, shard_path
+from stages.tools.describe import describe
 
 ROWS = {"boxes": RowSpec((4,), np.float32, compression="gzip"), "labels": RowSpec((), np.int32)}
 COUNTS = {"a": 2, "b": 0, "c": 1, "d": 5}

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from helpers import write_features
 
-from stages.core import runs
 from stages import detect
-from stages.core import layout
-from stages.bbox import BoxRegressor
+from stages.core import layout, runs
 from stages.core.config import DetectParams
 from stages.core.store import ArtifactError, PerImageReader
-from stages.svm import SvmModel
+from stages.models.box_regressor import BoxRegressor
+from stages.models.svm import SvmModel
 
 CLASSES = ["a", "b"]
 PARAMS = DetectParams(recipes=("rcnn",), scorer="softmax", box_regression=False, nms_iou=0.3, max_per_class=100,

@@ -8,8 +8,8 @@ from PIL import Image
 
 from stages import evaluate
 from stages.core import layout
-from stages.evaluate import FP, IGNORED, TP, ImageResult, match_detections, match_image, summarize, voc_ap
 from stages.core.store import ArtifactError, PerImageReader, RowSpec, create_per_image
+from stages.evaluate import FP, IGNORED, TP, ImageResult, match_detections, match_image, summarize, voc_ap
 
 
 def image(gt=(), gt_labels=None, difficult=None, boxes=(), scores=(), labels=None) -> ImageResult:

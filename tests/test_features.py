@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages.core import runs
 from stages import features, finetune, proposals
-from stages.core import layout
+from stages.core import layout, runs
 from stages.core.config import load_config
-from stages.data.featureset import CHUNK_ROWS, FeatureSet, class_iou
-from stages.features import FeatureError, RegionChunks, RowBuffer, read_regions, shard_images
-from stages.data.images import load_image
 from stages.core.store import ArtifactError, PerImageReader, create_per_image
+from stages.data.featureset import CHUNK_ROWS, FeatureSet, class_iou
+from stages.data.images import load_image
+from stages.features import FeatureError, RegionChunks, RowBuffer, read_regions, shard_images
+from stages.models.finetuned import load_model
 from stages.ops.warp import to_tensor_batch, warp_regions
 
 MAX_BOXES = 9  # proposals per image: a handful of regions keeps every forward pass short
@@ -141,7 +141,7 @@ def test_chunks_span_images_and_match_per_image_warps(cfg):
 def test_train_split_cache_with_the_finetuned_model(cfg):
     split = cfg.data.train_split
     out = _run(cfg, split, layout.features_dir("rcnn", split) / "shard-0.h5", model="finetuned", batch_size=7)
-    model = finetune.load_model(layout.FINETUNED_MODEL)
+    model = load_model(layout.FINETUNED_MODEL)
     with PerImageReader([layout.index_file(split)]) as index, \
             PerImageReader([layout.proposals_shard(split, 0)]) as props, h5py.File(out) as f:
         classes = json.loads(f.attrs["classes"])

@@ -11,14 +11,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from stages import finetune, proposals
 from stages.core import layout
-from stages.core.layout import checkpoint_file
 from stages.core.errors import PipelineError
 from stages.core.faults import KILL_AT
-from stages.finetune import FinetuneError, batch_plan, load_model
+from stages.core.layout import checkpoint_file
+from stages.core.store import ArtifactError
+from stages.finetune import batch_plan
+from stages.models.finetuned import load_model
 from stages.ops.sampling import SamplingError
 
 CHECKPOINT = checkpoint_file("finetune")
@@ -133,8 +135,8 @@ def test_no_foreground_windows_fail_before_training(workspace, tiny_config, monk
 
 
 def test_load_model_rejects_other_files(tmp_path):
-    with pytest.raises(FinetuneError, match="not found"):
+    with pytest.raises(ArtifactError, match="not found"):
         load_model(tmp_path / "missing.pt")
     torch.save({"arch": "efficientnet_lite0"}, tmp_path / "bad.pt")
-    with pytest.raises(FinetuneError, match="not a fine-tuned model"):
+    with pytest.raises(ArtifactError, match="not a fine-tuned model"):
         load_model(tmp_path / "bad.pt")

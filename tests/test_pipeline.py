@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import REPO, artifacts, project_copy, sh, tiny_params, write_params
 
 import pipeline
 from pipeline import dvc_yaml
@@ -20,8 +21,6 @@ from stages.core import layout
 from stages.core.provenance import code_files
 from stages.core.stage import RUNTIME, Refs, address, bindings, instances
 from stages.table import TABLE
-
-from helpers import REPO, artifacts, project_copy, sh, tiny_params, write_params
 
 # end-to-end runs use one shard (sharding is exercised by test_scale_out)
 SHARDS, RECIPES = (0,), ("rcnn", "sppnet")

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.core import layout
 from stages import proposals
+from stages.core import layout
 from stages.core.config import Config, ProposalParams
+from stages.core.store import PerImageReader
 from stages.data.images import load_image
 from stages.proposals import ProposalError, filter_boxes, image_seed, selective_search, shard_slice
-from stages.core.store import PerImageReader
 
 
 def first_image(cfg: Config) -> np.ndarray:

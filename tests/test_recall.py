@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from stages.core import layout
 from stages import recall
-from stages.recall import best_overlaps, split_report
+from stages.core import layout
 from stages.core.store import PerImageReader, RowSpec, create_per_image
+from stages.recall import best_overlaps, split_report
 
 GT = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
 # IoU with GT[0] / GT[1], by hand:

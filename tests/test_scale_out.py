@@ -23,12 +23,21 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import (
+    BIN,
+    Processes,
+    artifacts,
+    environment,
+    luigi_command,
+    project_copy,
+    task_events,
+    tiny_params,
+    wait_for,
+)
 
 import pipeline
-from stages.core import layout
-
-from helpers import BIN, Processes, artifacts, environment, luigi_command, project_copy, task_events, tiny_params, wait_for
 from pipeline.record import DvcRecord
+from stages.core import layout
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.core import layout
 from stages import proposals
-from stages.tools import show
+from stages.core import layout
 from stages.core.errors import PipelineError
+from stages.tools import show
 
 
 def test_show_draws_ground_truth_and_proposals(workspace, tiny_config):

@@ -8,14 +8,14 @@ import pytest
 import torch
 from helpers import spp_config
 
-from stages.core import runs
-from stages.core import layout
 from stages import spp_finetune, spp_recache
+from stages.core import layout, runs
 from stages.core.config import load_config
 from stages.core.layout import checkpoint_file
-from stages.data.featureset import FeatureSet
-from stages.spp_finetune import SppFinetuneError, SppHead, load_head, region_labels, sample_regions
 from stages.core.store import ArtifactError, PerImageReader
+from stages.data.featureset import FeatureSet
+from stages.models.spp_head import SppHead, load_head
+from stages.spp_finetune import SppFinetuneError, region_labels, sample_regions
 
 
 def test_region_labels_by_hand():
@@ -127,8 +127,8 @@ def test_recache_rejects_a_head_of_other_pyramids(spp_workspace):
 
 
 def test_load_head_rejects_other_files(tmp_path):
-    with pytest.raises(SppFinetuneError, match="not found"):
+    with pytest.raises(ArtifactError, match="not found"):
         load_head(tmp_path / "missing.pt")
     torch.save({"pool_dim": 3}, tmp_path / "bad.pt")
-    with pytest.raises(SppFinetuneError, match="not an SPP-net head file"):
+    with pytest.raises(ArtifactError, match="not an SPP-net head file"):
         load_head(tmp_path / "bad.pt")

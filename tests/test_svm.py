@@ -8,12 +8,13 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.core import layout
 from stages import svm
+from stages.core import layout
 from stages.core.config import SvmParams
-from stages.data.featureset import IMAGE_DATASETS, FeatureSet, feature_row, norm_sample_rows, region_rows
 from stages.core.store import create_per_image, shard_path
-from stages.svm import HardNegativeMiner, SvmError, SvmModel, load_svm, objective
+from stages.data.featureset import IMAGE_DATASETS, FeatureSet, feature_row, norm_sample_rows, region_rows
+from stages.models.svm import SvmError, SvmModel, load_svm
+from stages.svm import HardNegativeMiner, objective
 
 SPLIT = "trainval"
 DIM = 8

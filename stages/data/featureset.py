@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from stages.ops.boxes import as_boxes
-from stages.ops.sampling import class_iou
 from stages.core.config import RECIPES
 from stages.core.layout import features_dir
 from stages.core.store import ArtifactError, PerImageReader, RowSpec, shard_path
+from stages.ops.boxes import as_boxes
+from stages.ops.sampling import class_iou
 
 CHUNK_ROWS = 64  # rows per compressed chunk: one image's read touches only a few chunks
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.ops.boxes import as_boxes
 from stages.core.errors import PipelineError
 from stages.data.images import ImageError, load_image
+from stages.ops.boxes import as_boxes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
 # Many annotation tools write a box edge one pixel past the image border; such

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.tools.drawing import draw_box, draw_detections, draw_ground_truth, image_axes, save
 from stages.core.errors import PipelineError
-from stages.data.images import load_image
 from stages.core.layout import CACHE, detections_file, index_file, proposals_dir
 from stages.core.store import PerImageReader
+from stages.data.images import load_image
+from stages.tools.drawing import draw_box, draw_detections, draw_ground_truth, image_axes, save
 
 
 def _find(splits: tuple[str, ...], image_id: str) -> tuple[str, PerImageReader, int]:
