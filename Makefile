@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run luigi test test-quick bench ablation clean dvc.yaml
+.PHONY: install run luigi verify test test-quick bench ablation clean dvc.yaml
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ dvc.yaml: $(STAMP)
 # delete exactly the artifacts (what the table's stages write), run records and checkpoints
 clean: $(STAMP)
 	$(BIN)/python -m pipeline clean
+
+# run the default pipeline in a scratch copy and compare every output with the committed dvc.lock
+verify: $(STAMP)
+	$(BIN)/python -m pipeline verify
 
 ablation: $(STAMP)
 	$(BIN)/python -m bench.ablation

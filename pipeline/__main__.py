@@ -4,16 +4,26 @@
 * ``clean``: delete every artifact the table's stage instances write under the
   current params, and the run records and checkpoints (``make clean``); tracked
   files (``features_cache/README.md``, DVC's ``.gitignore`` files, reports
-  written outside the DAG) stay.
+  written outside the DAG) stay;
+* ``verify``: run the pipeline with ``dvc repro`` in a scratch copy of the
+  project (code, ``params.yaml``, ``dvc.yaml``) and compare every output's hash
+  with the committed ``dvc.lock`` (``make verify``): the committed record must be
+  what the committed code produces, on this machine too.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import yaml
+
 from pipeline import config, dvc_yaml
+from pipeline.project import REPO, scratch_project
 from stages.core import layout
 from stages.core.stage import Refs, instances
 from stages.table import TABLE
@@ -37,11 +47,36 @@ def clean() -> None:
         print(f"removed {path}")
 
 
+def output_hashes(lock_file: Path) -> dict[str, str]:
+    """``{output path: md5}`` of every stage output ``lock_file`` records."""
+    stages = yaml.safe_load(lock_file.read_text())["stages"]
+    return {out["path"]: out.get("md5", "") for entry in stages.values() for out in entry.get("outs", [])}
+
+
+def verify(reference: Path = REPO / "dvc.lock", params: dict | None = None) -> int:
+    """0 when a fresh ``dvc repro`` (``params``, default the repository's) gives exactly the outputs
+    ``reference`` (default the committed ``dvc.lock``) records; else 1, each differing output printed."""
+    committed = output_hashes(reference)
+    with tempfile.TemporaryDirectory(prefix="rcnn-verify-") as scratch:
+        folder = scratch_project(Path(scratch) / "project", params)
+        env = {**os.environ, "PYTHONPATH": str(folder)}
+        subprocess.run(["dvc", "repro", "--quiet"], cwd=folder, env=env, check=True)
+        produced = output_hashes(folder / "dvc.lock")
+    differing = sorted(p for p in committed.keys() | produced.keys() if committed.get(p) != produced.get(p))
+    for path in differing:
+        print(f"differs: {path}: committed {committed.get(path, 'absent')}, produced {produced.get(path, 'absent')}")
+    print(f"verify: {len(produced) - len(differing)} of {len(produced)} outputs as the committed dvc.lock records")
+    return 1 if differing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["dvc-yaml", "clean"])
-    if parser.parse_args(argv).command == "clean":
+    parser.add_argument("command", choices=["dvc-yaml", "clean", "verify"])
+    command = parser.parse_args(argv).command
+    if command == "verify":
+        return verify()
+    if command == "clean":
         clean()
     else:
         sys.stdout.write(dvc_yaml.generate())

@@ -24,11 +24,14 @@ Outputs, over every image including those without detections:
   not change this output; ``code_version``; ``inputs``: digests of the
   feature shards and of the SVM and box-regressor files when used).
 * ``coco_path``: the same detections as a COCO results JSON list, one object a
-  line: ``image_id`` (the VOC image id string), ``category_id`` (class index +
-  1), ``category`` (class name), ``bbox`` ``[x, y, w, h]`` in continuous pixel
-  coordinates rounded to 2 decimals (VOC's 1-based inclusive coordinates are
-  ``xmin = x + 1, ymin = y + 1, xmax = x + w, ymax = y + h``) and ``score``. It
-  is streamed into its temporary file, so memory does not grow with the split.
+  line (:func:`stages.data.coco.result_entries`): ``image_id`` (1-based
+  position of the image in the test split's index, the id of the ``coco_gt``
+  stage's ground truth), ``image_name`` (the VOC id), ``category_id`` (class
+  index + 1), ``category`` (class name), ``bbox`` ``[x, y, w, h]`` in
+  continuous pixel coordinates rounded to 2 decimals (VOC's 1-based inclusive
+  coordinates are ``xmin = x + 1, ymin = y + 1, xmax = x + w, ymax = y + h``)
+  and ``score``. It is streamed into its temporary file, so memory does not
+  grow with the split.
 * ``timing_file(out_path)``: wall-clock seconds of this stage (scoring, box
   regression and NMS on cached features; not the feature extraction), kept
   apart so the HDF5 file stays byte-identical.
@@ -38,7 +41,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,6 +53,7 @@ from stages.core.atomic import atomic_path
 from stages.core.config import DetectParams, as_dict
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, RowSpec, create_per_image
+from stages.data import coco
 from stages.data.featureset import FeatureSet
 from stages.models.box_regressor import BoxRegressor, load_bbox
 from stages.models.svm import SvmModel, load_svm
@@ -113,19 +117,6 @@ def detect_image(
     class_scores = scores[rows, labels].astype(np.float32)
     keep = select(candidates, class_scores, labels, params)
     return {"boxes": candidates[keep], "scores": class_scores[keep], "labels": labels[keep].astype(np.int32)}
-
-
-def coco_entries(image_id: str, detections: dict[str, np.ndarray], classes: list[str]) -> Iterator[dict[str, Any]]:
-    """One image's detections as COCO result objects (``bbox`` = ``[x, y, w, h]``, continuous pixels)."""
-    for (x1, y1, x2, y2), score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
-                                               detections["labels"].tolist()):
-        yield {
-            "image_id": image_id,
-            "category_id": label + 1,
-            "category": classes[label],
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-            "score": score,
-        }
 
 
 def image_scores(features: FeatureSet, i: int, proposals: np.ndarray, svm: SvmModel | None) -> np.ndarray:
@@ -192,15 +183,15 @@ def run(
             "inputs": {**{str(p): file_digest(p) for p in features.paths}, **model_inputs},
         }
         start, total = time.perf_counter(), 0
-        with atomic_path(coco_path, ".json") as coco_tmp, open(coco_tmp, "w") as coco, \
+        with atomic_path(coco_path, ".json") as coco_tmp, open(coco_tmp, "w") as results, \
                 create_per_image(out_path, ROWS, attrs) as writer:
-            coco.write("[")
-            for image_id, detections in detect_split(features, svm, regressor, params):
+            results.write("[")
+            for position, (image_id, detections) in enumerate(detect_split(features, svm, regressor, params)):
                 writer.append(image_id, detections)
-                for entry in coco_entries(image_id, detections, classes):
-                    coco.write(("\n" if total == 0 else ",\n") + json.dumps(entry))
+                for entry in coco.result_entries(position, image_id, detections, classes):
+                    results.write(("\n" if total == 0 else ",\n") + json.dumps(entry))
                     total += 1
-            coco.write("\n]\n")
+            results.write("\n]\n")
         images, seconds = len(features), time.perf_counter() - start
     per_image = seconds / max(images, 1)
     timing = {"images": images, "wall_seconds": round(seconds, 3), "seconds_per_image": round(per_image, 6)}

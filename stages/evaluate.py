@@ -19,10 +19,10 @@ devkit they repeat the previous point (or make a ``0/0`` one at the start,
 which its ``max`` skips), which changes neither AP.
 
 AP: VOC2007 is the mean over ``t = 0, 0.1, ..., 1`` of the highest precision at
-recall ``>= t`` (0 if the class never reaches ``t``), with ``t = k / 10`` exactly
-(the devkit's ``0:0.1:1`` makes its fourth threshold 0.30000000000000004 and
-so misses a recall of exactly 3/10, a floating-point accident not followed
-here). VOC2010+ is the area under the monotone precision envelope over all
+recall ``>= t`` (0 if the class never reaches ``t``), with the thresholds exactly
+as the reference tools make them (the devkit's ``0:0.1:1``, py-faster-rcnn's
+``np.arange(0., 1.1, 0.1)``): the fourth is 0.30000000000000004, so a recall
+of exactly 3/10 does not reach it, and scores equal the published tools'. VOC2010+ is the area under the monotone precision envelope over all
 points, recall 0 and 1 appended as the devkit's ``VOCap``. A class with
 ground truth but no detection has AP 0. A class with no non-difficult ground
 truth in the split has no defined AP: it is reported as ``null``, listed under
@@ -34,7 +34,13 @@ Outputs:
 - metrics JSON (DVC metrics): ``recipe``, ``mAP_voc07``, ``mAP_voc2010``,
   ``AP_voc07`` and ``AP_voc2010`` (``{class: AP}``), ``num_detections``
   (all classes), ``num_positives`` (``{class: n}``), ``no_ground_truth``
-  (list of classes); values rounded to 4 decimals.
+  (list of classes), and ``coco``: pycocotools' box metrics of the COCO
+  results against the ``coco_gt`` stage's ground truth
+  (:func:`stages.data.coco.bbox_metrics`): ``AP`` (AP@[.5:.95]), ``AP50``,
+  ``AP75``, ``APs``, ``APm``, ``APl`` (areas below 32², up to 96², above) and
+  ``AR100``, ``null`` where pycocotools has no ground truth to measure (-1),
+  0 without any detection; values rounded to 4 decimals. The log shows the
+  AP table and one line of the COCO metrics, not pycocotools' own output.
 - PR CSV (DVC plots): ``recall,<class>,...`` with the envelope precision at
   recall ``0.00, 0.01, ..., 1.00`` (0 beyond the class's highest recall).
 - figures folder: ``pr.png`` (every class's precision-recall curve, APs in the
@@ -62,6 +68,7 @@ from stages.core.atomic import atomic_dir, write_text  # noqa: E402
 from stages.core.config import EvaluateParams  # noqa: E402
 from stages.core.layout import index_file  # noqa: E402
 from stages.core.store import ArtifactError, PerImageReader  # noqa: E402
+from stages.data import coco  # noqa: E402
 from stages.data.images import load_image  # noqa: E402
 from stages.ops.boxes import box_iou  # noqa: E402
 from stages.tools.drawing import draw_detections, draw_ground_truth, image_axes, save  # noqa: E402
@@ -69,7 +76,7 @@ from stages.tools.drawing import draw_detections, draw_ground_truth, image_axes,
 TP, FP, IGNORED = 1, 0, -1  # outcome of one detection
 DETECTION_ROWS = ("boxes", "scores", "labels")
 PR_POINTS = np.arange(101) / 100  # recall grid of the PR CSV
-VOC07_POINTS = np.arange(11) / 10
+VOC07_POINTS = np.arange(0.0, 1.1, 0.1)  # the reference tools' thresholds, float rounding included
 DECIMALS = 4
 
 
@@ -206,19 +213,24 @@ def pr_table(curves: Sequence[Curve], classes: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.4f}"
+
+
 def ap_table(metrics: dict) -> str:
     """Per-class AP as a fixed-width text table, mAP last."""
     width = max(len("class"), *(len(cls) for cls in metrics["num_positives"]))
-
-    def fmt(value: float | None) -> str:
-        return "   n/a" if value is None else f"{value:6.4f}"
-
     lines = [f"{'class':<{width}}  {'VOC07':>6}  {'VOC2010':>7}  {'positives':>9}"]
     for cls, positives in metrics["num_positives"].items():
         ap07, ap2010 = metrics["AP_voc07"][cls], metrics["AP_voc2010"][cls]
-        lines.append(f"{cls:<{width}}  {fmt(ap07):>6}  {fmt(ap2010):>7}  {positives:9d}")
-    lines.append(f"{'mAP':<{width}}  {fmt(metrics['mAP_voc07']):>6}  {fmt(metrics['mAP_voc2010']):>7}")
+        lines.append(f"{cls:<{width}}  {_fmt(ap07):>6}  {_fmt(ap2010):>7}  {positives:9d}")
+    lines.append(f"{'mAP':<{width}}  {_fmt(metrics['mAP_voc07']):>6}  {_fmt(metrics['mAP_voc2010']):>7}")
     return "\n".join(lines)
+
+
+def coco_line(metrics: dict) -> str:
+    """The COCO metrics on one line of the log."""
+    return "COCO (pycocotools): " + "  ".join(f"{name} {_fmt(value).strip()}" for name, value in metrics["coco"].items())
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -286,6 +298,15 @@ def _all_images(index: PerImageReader, detections: PerImageReader, num_classes: 
         yield result
 
 
+def coco_summary(index: PerImageReader, results_path: Path, ground_truth_path: Path) -> dict[str, float | None]:
+    """pycocotools' box metrics (:func:`stages.data.coco.bbox_metrics`), rounded, after checking both files'
+    image ids against the index; raise :class:`ArtifactError` on a mismatch."""
+    ground_truth, results = json.loads(ground_truth_path.read_text()), json.loads(results_path.read_text())
+    coco.check_ground_truth(ground_truth, index.image_ids, ground_truth_path)
+    coco.check_results(results, index.image_ids, results_path)
+    return {name: _rounded(value) for name, value in coco.bbox_metrics(ground_truth, results).items()}
+
+
 def _gallery(index: PerImageReader, detections: PerImageReader, params: EvaluateParams, folder: Path) -> None:
     classes = index.json_attr("classes")
     folder.mkdir()
@@ -306,16 +327,19 @@ def run(
     recipe: str,
     test_split: str,
     detections_path: Path,
+    coco_results_path: Path,
+    coco_gt_path: Path,
     metrics_path: Path,
     pr_path: Path,
     figures_dir: Path,
 ) -> None:
-    """Evaluate ``detections_path`` against the ``test_split`` index; write metrics, PR CSV and figures."""
+    """Evaluate ``detections_path`` against the ``test_split`` index and ``coco_results_path`` against
+    ``coco_gt_path``; write metrics, PR CSV and figures."""
     with PerImageReader([index_file(test_split)]) as index, PerImageReader([detections_path]) as detections:
         _check_detections(detections, index, recipe, test_split)
         classes = index.json_attr("classes")
         curves = match_detections(_all_images(index, detections, len(classes)), len(classes), params.iou)
-        metrics = summarize(curves, classes, recipe)
+        metrics = {**summarize(curves, classes, recipe), "coco": coco_summary(index, coco_results_path, coco_gt_path)}
         write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
         write_text(pr_path, pr_table(curves, classes))
         with atomic_dir(figures_dir) as folder:
@@ -325,3 +349,4 @@ def run(
         print(f"note: class {cls!r} has no non-difficult ground truth in {test_split}: AP undefined (null), "
               "left out of the mAP", file=sys.stderr)
     print(ap_table(metrics))
+    print(coco_line(metrics))

@@ -113,7 +113,7 @@ def artifacts(folder: Path) -> dict[str, bytes]:
     found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / layout.CACHE).rglob("*.h5"))
              if layout.RUNS not in p.relative_to(folder).parents}
     outputs = [layout.FINETUNED_MODEL, layout.FINETUNE_CURVE, layout.SPP_HEAD, layout.SPP_FINETUNE_CURVE,
-               layout.PROPOSAL_METRICS]
+               layout.PROPOSAL_METRICS, layout.coco_ground_truth("test")]
     for recipe in ("rcnn", "sppnet"):
         outputs += [layout.coco_detections(recipe), layout.map_metrics(recipe), layout.pr_curve(recipe)]
     for path in outputs:

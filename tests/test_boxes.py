@@ -15,6 +15,7 @@ from stages.ops.boxes import (
     min_side,
     unique_boxes,
     xywh_to_xyxy,
+    xyxy_to_xywh,
 )
 
 
@@ -96,6 +97,14 @@ def test_xywh_to_xyxy() -> None:
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, [[10, 20, 15, 27], [0, 0, 1, 1]])
     assert xywh_to_xyxy(np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_xyxy_to_xywh_inverts_xywh_to_xyxy() -> None:
+    boxes = np.array([[10, 20, 5, 7], [0.5, 0, 1.25, 1]])
+    out = xyxy_to_xywh(xywh_to_xyxy(boxes))
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, boxes)
+    assert xyxy_to_xywh(np.zeros((0, 4))).shape == (0, 4)
 
 
 def test_min_side() -> None:

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 from helpers import write_features
+from pycocotools.coco import COCO
 
-from stages import detect
+from stages import coco_gt, detect, index
 from stages.core import layout, runs
 from stages.core.config import DetectParams
-from stages.core.store import ArtifactError, PerImageReader
+from stages.core.store import ArtifactError, PerImageReader, create_per_image
 from stages.models.box_regressor import BoxRegressor
 from stages.models.svm import SvmModel
 
@@ -119,9 +120,9 @@ def test_outputs_coco_json_timing_provenance_and_byte_identical_rerun(cache):
     detect_run(box_regression=True)
     assert (out.read_bytes(), coco.read_bytes()) == first
     entries = json.loads(coco.read_text())
-    assert len(entries) == 5 and {e["image_id"] for e in entries} == {"one"}
-    assert entries[0] == {"image_id": "one", "category_id": 1, "category": "a", "bbox": [14.0, 10.0, 40.0, 40.0],
-                          "score": 0.875}
+    assert len(entries) == 5 and {(e["image_id"], e["image_name"]) for e in entries} == {(1, "one")}
+    assert entries[0] == {"image_id": 1, "image_name": "one", "category_id": 1, "category": "a",
+                          "bbox": [14.0, 10.0, 40.0, 40.0], "score": 0.875}
     assert entries[3]["bbox"] == [60.0, 40.0, 40.0, 40.0] and entries[3]["category_id"] == 2
     timing = runs.read(out)
     assert timing["images"] == 3 and timing["seconds_per_image"] >= 0
@@ -133,11 +134,27 @@ def test_outputs_coco_json_timing_provenance_and_byte_identical_rerun(cache):
         assert str(layout.bbox_model("rcnn")) in inputs and str(layout.svm_model("rcnn")) not in inputs  # softmax
 
 
-def test_coco_bbox_rounding():
-    detections = {"boxes": np.array([[1.234, 2.0, 5.5, 10.126]], np.float32), "scores": np.array([0.5], np.float32),
-                  "labels": np.array([1], np.int32)}
-    (entry,) = detect.coco_entries("x", detections, CLASSES)
-    assert entry["bbox"] == [1.23, 2.0, 4.27, 8.13] and entry["category"] == "b" and entry["category_id"] == 2
+def write_index(split: str) -> None:
+    """An index of the feature cache's images (no ground truth boxes): what the coco_gt stage numbers."""
+    with create_per_image(layout.index_file(split), index.ROWS, {"classes": CLASSES, "split": split},
+                          index.IMAGES) as writer:
+        for item in IMAGES:
+            writer.append(item["id"], {"gt_boxes": np.zeros((0, 4), np.float32), "gt_labels": np.zeros(0, np.int32),
+                                       "gt_difficult": np.zeros(0, bool)},
+                          paths=f"JPEGImages/{item['id']}.jpg", widths=item["size"][0], heights=item["size"][1])
+
+
+def test_coco_results_use_the_ground_truth_files_image_ids(cache):
+    detect_run(score_threshold=-10)  # "quiet" (second image, first shard) has detections too
+    write_index("test")
+    coco_gt.run(layout.index_file("test"), layout.coco_ground_truth("test"))
+    results = json.loads(layout.coco_detections("rcnn").read_text())
+    truth = COCO(str(layout.coco_ground_truth("test")))
+    names = {image["id"]: image["image_name"] for image in truth.dataset["images"]}
+    assert names == {1: "one", 2: "quiet", 3: "empty"}
+    assert {(r["image_id"], r["image_name"]) for r in results} == {(1, "one"), (2, "quiet")}
+    assert all(names[r["image_id"]] == r["image_name"] for r in results)
+    assert len(truth.loadRes(results).getAnnIds()) == len(results)  # pycocotools takes them, extra keys and all
 
 
 def test_softmax_of_an_imagenet_network_is_an_error(workspace):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import evaluate
+from stages import coco_gt, evaluate
 from stages.core import layout
 from stages.core.store import ArtifactError, PerImageReader, RowSpec, create_per_image
+from stages.data import coco
 from stages.evaluate import FP, IGNORED, TP, ImageResult, match_detections, match_image, summarize, voc_ap
 
 
@@ -61,9 +62,40 @@ def test_voc_ap_interpolates_over_later_higher_precision():
     assert voc_ap(recall, precision, True) == pytest.approx((3 + 3 * 2 / 3) / 11)
 
 
-def test_voc07_threshold_of_exactly_three_tenths_is_reached():
-    # 3 of 10 positives found by the first detection: recall exactly 3/10 reaches t = 0.3 (4 thresholds of 11).
-    assert voc_ap(np.array([3 / 10]), np.array([1.0]), True) == pytest.approx(4 / 11)
+def test_voc07_threshold_of_exactly_three_tenths_is_missed_as_by_the_reference_tools():
+    # 3 of 10 positives found by the first detection: recall 3/10 is below the tools' 0.30000000000000004,
+    # so only t = 0, 0.1, 0.2 see precision 1 (3 thresholds of 11, not 4).
+    assert voc_ap(np.array([3 / 10]), np.array([1.0]), True) == pytest.approx(3 / 11)
+
+
+def reference_voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC07 11-point AP written the way the devkit and py-faster-rcnn's voc_eval compute it: a loop over
+    ``np.arange(0., 1.1, 0.1)``, the largest precision at recall >= t, each point weighted 1/11."""
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        reached = recall >= t
+        ap += (np.max(precision[reached]) if reached.any() else 0.0) / 11.0
+    return ap
+
+
+def random_curve(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and precision of random detection outcomes; with 10 or 20 positives many recalls are exact tenths."""
+    rng = np.random.default_rng(seed)
+    positives = int(rng.choice([10, 20, 7, 13]))
+    hits = rng.random(int(rng.integers(1, 40))) < rng.uniform(0.2, 0.9)
+    tp = np.minimum(np.cumsum(hits), positives)
+    return tp / positives, tp / np.arange(1, len(hits) + 1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_voc07_equals_the_reference_on_random_cases(seed):
+    recall, precision = random_curve(seed)
+    assert voc_ap(recall, precision, True) == pytest.approx(reference_voc07_ap(recall, precision), abs=1e-12)
+
+
+def test_random_cases_do_land_on_three_tenths():
+    """The case where exact tenths and the reference tools differ is among the random ones."""
+    assert sum(bool(np.any(random_curve(seed)[0] == 3 / 10)) for seed in range(40)) >= 3
 
 
 def test_class_with_ground_truth_but_no_detections_has_ap_zero():
@@ -182,7 +214,7 @@ def devkit_ap(results: list[ImageResult], cls: int, iou: float) -> tuple[float, 
     with np.errstate(invalid="ignore"):
         prec = tp / (fp + tp)  # 0/0 = NaN at leading ignored detections; MATLAB's max skips NaN
     ap07 = 0.0
-    for t in [k / 10 for k in range(11)]:
+    for t in np.arange(0.0, 1.1, 0.1):  # MATLAB's 0:0.1:1, whose fourth value is 0.30000000000000004
         p = prec[(rec >= t) & ~np.isnan(prec)]
         ap07 += (p.max() if len(p) else 0.0) / 11
     mrec, mpre = [0.0, *rec, 1.0], [0.0, *prec, 0.0]
@@ -232,34 +264,53 @@ DETECTION_SPECS = {
 FP_BOX = np.array([[0, 0, 3, 3]], np.float32)  # IoU < 0.1 with any object of the tiny dataset
 
 
-def write_detections(path, split: str, recipe: str = "rcnn", classes=None, drop_last: bool = False) -> int:
-    """Every ground-truth box as a detection (score 0.9) plus one false positive (0.1) per image; returns the count."""
-    count = 0
+def perfect_detections(gt: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every ground-truth box as a detection (score 0.9) plus one false positive (0.1)."""
+    return {"boxes": np.vstack([gt, FP_BOX]), "scores": np.r_[np.full(len(gt), 0.9), 0.1].astype(np.float32),
+            "labels": np.r_[labels, 0].astype(np.int32)}
+
+
+def no_detections(gt: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32), "labels": np.zeros(0, np.int32)}
+
+
+def write_detections(workspace, split: str, recipe: str = "rcnn", classes=None, drop_last: bool = False,
+                     detector=perfect_detections) -> int:
+    """The inputs of the stage: the detections of ``detector`` on every image (.h5 and COCO results, numbered as
+    the detect stage numbers them) and the coco_gt stage's ground truth; returns the number of detections."""
+    h5, results, gt = inputs(workspace)
+    coco_gt.run(layout.index_file(split), gt)
+    entries = []
     with PerImageReader([layout.index_file(split)]) as index:
         attrs = {"classes": classes or index.json_attr("classes"), "recipe": recipe, "split": split}
-        with create_per_image(path, DETECTION_SPECS, attrs) as writer:
+        with create_per_image(h5, DETECTION_SPECS, attrs) as writer:
             for i, image_id in enumerate(index.image_ids[: len(index) - drop_last]):
-                gt, labels = index.rows("gt_boxes", i), index.rows("gt_labels", i)
-                writer.append(image_id, {
-                    "boxes": np.vstack([gt, FP_BOX]),
-                    "scores": np.r_[np.full(len(gt), 0.9), 0.1].astype(np.float32),
-                    "labels": np.r_[labels, 0].astype(np.int32),
-                })
-                count += len(gt) + 1
-    return count
+                found = detector(index.rows("gt_boxes", i), index.rows("gt_labels", i))
+                writer.append(image_id, found)
+                entries += coco.result_entries(i, image_id, found, index.json_attr("classes"))
+    results.write_text(json.dumps(entries))
+    return len(entries)
+
+
+def inputs(workspace):
+    """Detections (.h5), COCO results, COCO ground truth."""
+    return workspace / "detections.h5", workspace / "detections.json", workspace / "gt.json"
 
 
 def outputs(workspace):
     return workspace / "map.json", workspace / "pr.csv", workspace / "figures"
 
 
+def evaluate_run(workspace, params, split: str) -> None:
+    evaluate.run(params, "rcnn", split, *inputs(workspace), *outputs(workspace))
+
+
 def test_run_writes_metrics_curve_and_figures(workspace, tiny_config, capsys):
     split = tiny_config.data.test_split
-    detections = workspace / "detections.h5"
-    count = write_detections(detections, split)
+    count = write_detections(workspace, split)
     metrics_path, pr_path, figures = outputs(workspace)
     params = tiny_config.evaluate
-    evaluate.run(params, "rcnn", split, detections, metrics_path, pr_path, figures)
+    evaluate_run(workspace, params, split)
 
     with PerImageReader([layout.index_file(split)]) as index:
         classes, ids = index.json_attr("classes"), index.image_ids
@@ -282,11 +333,16 @@ def test_run_writes_metrics_curve_and_figures(workspace, tiny_config, capsys):
     drawn = np.asarray(Image.open(figures / "gallery" / f"{ids[0]}.png").convert("RGB")).astype(int)
     red = (drawn[..., 0] > 200) & (drawn[..., 1] < 60) & (drawn[..., 2] < 60)
     assert red.sum() > 100 and (figures / "pr.png").stat().st_size > 1000
-    assert "mAP" in capsys.readouterr().out
+    # pycocotools on the same detections: every box found first, AP@[.5:.95] 1 (difficult boxes are crowd, ignored);
+    # objects of at most 64 px (max_object_size) are never large (> 96²): APl null
+    assert metrics["coco"] == {name: 1.0 if name != "APl" else None for name in coco.METRICS}
+    log = capsys.readouterr().out
+    assert "mAP" in log and "COCO (pycocotools): AP 1.0000  AP50 1.0000" in log and "APl n/a" in log
+    assert "Average Precision" not in log and "DONE" not in log  # pycocotools' own output is not in the log
 
     written = (metrics_path, pr_path, figures / "pr.png", figures / "gallery" / f"{ids[0]}.png")
     before = [p.read_bytes() for p in written]
-    evaluate.run(params, "rcnn", split, detections, metrics_path, pr_path, figures)
+    evaluate_run(workspace, params, split)
     assert [p.read_bytes() for p in written] == before  # same inputs, byte-identical outputs
 
 
@@ -300,9 +356,33 @@ def test_run_writes_metrics_curve_and_figures(workspace, tiny_config, capsys):
 )
 def test_run_rejects_detections_of_other_images_classes_or_recipes(workspace, tiny_config, kwargs, message):
     split = tiny_config.data.test_split
-    write_detections(workspace / "detections.h5", split, **kwargs)
+    write_detections(workspace, split, **kwargs)
     with pytest.raises(ArtifactError, match=message):
-        evaluate.run(tiny_config.evaluate, "rcnn", split, workspace / "detections.h5", *outputs(workspace))
+        evaluate_run(workspace, tiny_config.evaluate, split)
+    assert not any(p.exists() for p in outputs(workspace))
+
+
+def test_no_detections_at_all_give_zero_ap_not_a_crash(workspace, tiny_config):
+    split = tiny_config.data.test_split
+    assert write_detections(workspace, split, detector=no_detections) == 0
+    evaluate_run(workspace, tiny_config.evaluate, split)
+    metrics = json.loads(outputs(workspace)[0].read_text())
+    assert metrics["mAP_voc07"] == metrics["mAP_voc2010"] == 0.0
+    assert metrics["coco"] == {name: 0.0 if name != "APl" else None for name in coco.METRICS}
+
+
+@pytest.mark.parametrize("stale, message", [("results", "a result for image"), ("ground_truth", "images differ")])
+def test_run_rejects_coco_files_numbered_otherwise(workspace, tiny_config, stale, message):
+    split = tiny_config.data.test_split
+    write_detections(workspace, split)
+    _, results_path, gt_path = inputs(workspace)
+    if stale == "results":  # numbered from 0
+        results_path.write_text(json.dumps([{**r, "image_id": r["image_id"] - 1}
+                                            for r in json.loads(results_path.read_text())]))
+    else:  # the ground truth of another image order
+        coco_gt.run(layout.index_file(tiny_config.data.train_split), gt_path)
+    with pytest.raises(ArtifactError, match=message):
+        evaluate_run(workspace, tiny_config.evaluate, split)
     assert not any(p.exists() for p in outputs(workspace))
 
 
@@ -315,4 +395,4 @@ def test_run_rejects_labels_outside_the_classes(workspace, tiny_config):
                 rows = {"boxes": FP_BOX, "scores": np.ones(1, np.float32), "labels": np.array([99], np.int32)}
                 writer.append(image_id, rows)
     with pytest.raises(ArtifactError, match="labels outside"):
-        evaluate.run(tiny_config.evaluate, "rcnn", split, workspace / "detections.h5", *outputs(workspace))
+        evaluate_run(workspace, tiny_config.evaluate, split)

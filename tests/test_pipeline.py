@@ -141,7 +141,7 @@ def dvc_clean(folder: Path) -> bool:
     return "up to date" in sh(folder, "dvc", "status")
 
 
-ALL = sorted(["synthetic", "index", "recall", "finetune", "spp_finetune",
+ALL = sorted(["synthetic", "index", "recall", "finetune", "spp_finetune", "coco_gt",
               *(f"{name}@{s}-{k}" for name in ("proposals", "features", "spp_features", "spp_recache")
                 for s in ("trainval", "test") for k in SHARDS),
               *(f"{name}@{r}" for name in ("svm", "bbox", "detect", "evaluate") for r in RECIPES)])
@@ -172,8 +172,9 @@ def test_both_orchestrators_write_identical_artifacts(projects):
     dvc_dir, luigi_dir = projects
     dvc_artifacts = artifacts(dvc_dir)
     # 2 index files, per split and shard proposals, R-CNN features, SPP pyramids and SPP-net features,
-    # per recipe an SVM, a box regressor, detections (.h5 and .json), mAP and PR curve; 2 models, 2 curves, recall
-    assert len(dvc_artifacts) == 2 + 4 * 2 * len(SHARDS) + 2 * 6 + 4 + 1
+    # per recipe an SVM, a box regressor, detections (.h5 and .json), mAP and PR curve; 2 models, 2 curves, recall,
+    # the COCO ground truth
+    assert len(dvc_artifacts) == 2 + 4 * 2 * len(SHARDS) + 2 * 6 + 4 + 1 + 1
     assert dvc_artifacts == artifacts(luigi_dir)
     for recipe in RECIPES:
         mean_ap = json.loads((dvc_dir / layout.map_metrics(recipe)).read_text())

@@ -8,12 +8,25 @@ which is also what makes CPU runs reproducible to the byte.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available (made deterministic among GPU runs, see :func:`deterministic_cuda`), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    deterministic_cuda()
+    return torch.device("cuda")
+
+
+def deterministic_cuda() -> None:
+    """GPU runs repeat to the byte where torch allows: deterministic algorithms (a warning names any op
+    without one), cuBLAS with a fixed workspace, no cuDNN autotuning. A GPU run never equals a CPU run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

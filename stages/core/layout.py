@@ -54,6 +54,7 @@ SPP_FINETUNE_CURVE = REPORTS / "spp_finetune_curve.csv"
 SVM = CACHE / "svm"
 BBOX = CACHE / "bbox"
 DETECTIONS = CACHE / "detections"
+COCO = CACHE / "coco"
 
 
 def features_dir(recipe: str, split: str) -> Path:
@@ -93,6 +94,11 @@ def detections_file(recipe: str) -> Path:
 def coco_detections(recipe: str) -> Path:
     """The same detections as a COCO results JSON (``image_id``, ``category_id``, ``bbox`` x, y, w, h, ``score``)."""
     return DETECTIONS / f"{recipe}.json"
+
+
+def coco_ground_truth(split: str) -> Path:
+    """A split's ground truth as a COCO annotation file, the one its COCO results are evaluated against."""
+    return COCO / f"ground_truth_{split}.json"
 
 
 def map_metrics(recipe: str) -> Path:

@@ -56,6 +56,12 @@ def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
 
 
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` ``x1, y1, x2, y2`` -> ``(N, 4)`` float64 ``x, y, w, h`` (COCO ``bbox``)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
 def min_side(boxes: np.ndarray) -> np.ndarray:
     """``(N, 4)`` -> ``(N,)`` the shorter of each box's width and height."""
     return np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
