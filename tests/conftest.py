@@ -14,6 +14,11 @@ from helpers import BCCD, REPO, Processes, replace_section, run_spp, spp_config,
 from stages import index, proposals, synthetic
 from stages.core import layout
 from stages.core.config import Config, load_config
+from stages.core.stage import pin_cpu_kernels
+
+# The test process computes with the CPU kernels every stage run gets, as its subprocesses do: a stage
+# run in-process and one in a child process (a killed and resumed run, say) must round alike.
+pin_cpu_kernels()
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,13 @@ def repo_config():
     return load_config(REPO / "params.yaml")
 
 
+def test_the_test_process_runs_pinned():
+    assert all(os.environ.get(name) == value for name, value in PINNED_CPU_KERNELS.items())
+
+
 def test_pins_are_set_unless_the_environment_sets_them(monkeypatch):
     for name in PINNED_CPU_KERNELS:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name)  # set for the session (conftest): restored after the test
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     pin_cpu_kernels()
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2" and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
@@ -28,7 +32,7 @@ def test_pins_are_set_unless_the_environment_sets_them(monkeypatch):
 def test_call_pins_the_kernels_before_the_stage_runs(monkeypatch, repo_config):
     seen = {}
     for name in PINNED_CPU_KERNELS:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name)
     recall = Stage(name="recall", help="", outputs=lambda r: {"metrics_path": metrics("m.json")})
     def run(splits, num_shards, metrics_path):  # recall's parameters: what the environment is when it runs
         seen.update(os.environ)
