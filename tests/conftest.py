@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# REPO, BCCD, replace_section, tiny_params: imported from here by modules not yet moved to helpers
-from helpers import BCCD, REPO, Processes, replace_section, run_spp, spp_config, tiny_params, write_params  # noqa: F401
+from helpers import Processes, run_spp, spp_config, tiny_params, write_params
 
 from stages import index, proposals, synthetic
 from stages.core import layout

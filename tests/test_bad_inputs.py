@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_params, write_params
+from helpers import REPO, tiny_params, write_params
 from PIL import Image, ImageDraw
 
 from stages import features, index, proposals

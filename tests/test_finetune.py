@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from stages import finetune, proposals
 from stages.core import layout

@@ -214,7 +214,7 @@ def test_problems_attribute_is_json_list(root: Path, tmp_path: Path) -> None:
 
 # --- a real dataset: BCCD (developers' and CI's machines only) ------------------------------------
 
-from conftest import BCCD  # noqa: E402
+from helpers import BCCD  # noqa: E402
 
 
 @pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD dataset not present at {BCCD}")
