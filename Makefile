@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	cd / && $(CURDIR)/$(BIN)/python -c "import torch, torchvision, cv2, h5py, dvc, luigi, stages, pipeline; cv2.ximgproc.segmentation"
 	touch $@
 
-run: $(STAMP)
+run: $(STAMP) dvc.yaml
 	dvc repro
 	dvc metrics show
 
@@ -34,7 +34,7 @@ test-quick: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-# dvc.yaml is generated from the stage table (stages/table.py); regenerate after editing the table
+# dvc.yaml is generated from the stage table (stages/table.py) and params.yaml's detect.recipes
 dvc.yaml: $(STAMP)
 	$(BIN)/python -m pipeline dvc-yaml > $@.tmp && mv $@.tmp $@
 

@@ -11,10 +11,12 @@ regressors and detections, "no box regression" only detection and evaluation.
 Times come from Luigi's per-task processing time; a stage a variant did not
 rerun keeps the time it took in the full run. "train s" adds up fine-tuning,
 the training split's feature caching and the post-hoc training stages of the
-variant's recipe; "SVM stage s" is the whole SVM stage (reading the cached
+variant's recipe (Fast R-CNN: its training stage); "SVM stage s" is the whole SVM stage (reading the cached
 features image by image included), "SVM fitting s" the liblinear fits alone
-(the sum over classes of the seconds in the SVM model's run record); "test s/img"
-is the test split's feature caching plus detection, per test image. Writes the
+(the sum over classes of the seconds in the SVM model's run record; "-" for
+Fast R-CNN, which has none); "test s/img" is the test split's feature caching
+plus detection, per test image (Fast R-CNN: conv pass plus head, from its
+detection run record). Writes the
 markdown table, and the per-class AP of the full run, to
 ``features_cache/reports/ablation.md`` of the repository
 (``ablation-<dataset folder>.md`` with ``--data-root``) and prints it.
@@ -51,11 +53,19 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "SVMs without hard-negative mining": ("rcnn", {"svm": {"mining": False}}),
     "float32 feature cache": ("rcnn", {"features": {"precision": "float32"}}),
     "SPP-net features": ("sppnet", {}),
+    "Fast R-CNN (hierarchical sampling)": ("fast_rcnn", {}),
+    "Fast R-CNN, only fc layers learn": ("fast_rcnn", {"fast_rcnn": {"learn_from": 1000}}),
+    "Fast R-CNN + OHEM": ("fast_rcnn_ohem", {}),
+    "Fast R-CNN + truncated SVD": ("fast_rcnn_svd", {}),
 }
 TRAIN_TASKS = {
     "rcnn": ("Finetune", "Features:train", "Svm:rcnn", "Bbox:rcnn"),
     "sppnet": ("SppFeatures:train", "SppFinetune", "SppRecache:train", "Svm:sppnet", "Bbox:sppnet"),
+    "fast_rcnn": ("FastRcnnTrain:fast_rcnn",),
+    "fast_rcnn_ohem": ("FastRcnnTrain:fast_rcnn_ohem",),
+    "fast_rcnn_svd": ("FastRcnnTrain:fast_rcnn",),
 }
+# Fast R-CNN's test seconds per image are its detection run record's (conv pass plus the head timed alone)
 TEST_TASKS = {"rcnn": ("Features:test", "Detect:rcnn"), "sppnet": ("SppFeatures:test", "SppRecache:test", "Detect:sppnet")}
 
 # Runs in the variant's folder: builds RunAll and records each task's processing time.
@@ -126,12 +136,16 @@ def row(name: str, folder: Path, recipe: str, times: dict[str, float], base_time
     num_test = json.loads((reports / "proposals.json").read_text())[test_split]["images"]
     seconds = {**base_times, **times}
     train = sum(seconds.get(t, 0.0) for t in TRAIN_TASKS[recipe])
-    test = sum(seconds.get(t, 0.0) for t in TEST_TASKS[recipe]) / max(num_test, 1)
-    svm = json.loads((folder / runs.run_file(layout.svm_model(recipe))).read_text())
-    svm_fit = sum(c["seconds"] for c in svm["classes"].values())
+    if recipe in TEST_TASKS:
+        test = sum(seconds.get(t, 0.0) for t in TEST_TASKS[recipe]) / max(num_test, 1)
+        svm = json.loads((folder / runs.run_file(layout.svm_model(recipe))).read_text())
+        svm_stage, svm_fit = seconds.get(f"Svm:{recipe}", 0.0), sum(c["seconds"] for c in svm["classes"].values())
+    else:
+        test = runs.read(folder / layout.detections_file(recipe))["seconds_per_image"]
+        svm_stage = svm_fit = None
     return {"variant": name, "mAP (VOC07 11-pt)": 100 * metrics["mAP_voc07"],
             "mAP (VOC2010+)": 100 * metrics["mAP_voc2010"], "train s": train,
-            "SVM stage s": seconds.get(f"Svm:{recipe}", 0.0), "SVM fitting s": svm_fit, "test s/img": test}
+            "SVM stage s": svm_stage, "SVM fitting s": svm_fit, "test s/img": test}
 
 
 def per_class_rows(folder: Path, recipes: list[str]) -> list[dict]:
@@ -148,7 +162,8 @@ def per_class_rows(folder: Path, recipes: list[str]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     for r in rows:
-        cells = [f"{v:.1f}" if "AP" in k else f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in r.items()]
+        cells = ["-" if v is None else f"{v:.1f}" if "AP" in k else f"{v:.2f}" if isinstance(v, float) else str(v)
+                 for k, v in r.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -20,12 +20,15 @@ from stages.table import TABLE
 FAN_OUT_OPTIONS = {
     "split": {"help": "split name (data.train_split or data.test_split)"},
     "shard": {"type": int, "help": "shard index (sharding.shards)"},
-    "recipe": {"choices": RECIPES, "help": "feature branch (detect.recipes)"},
+    "recipe": {"choices": RECIPES, "help": "recipe (detect.recipes)"},
 }
 
 
 def _run_stage(stage: Stage):
     def run(cfg: Config, args: argparse.Namespace) -> None:
+        from pipeline.dvc_yaml import check_recipes
+
+        check_recipes(cfg)  # DVC runs this command: a stale dvc.yaml must not run the wrong recipes
         call(stage, cfg, {dim: getattr(args, dim) for dim in stage.fan_out})
 
     return run

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
 
@@ -111,12 +112,22 @@ def detect_image(
         for c in np.unique(labels):
             members = np.flatnonzero(labels == c)
             candidates[members] = regressor.predict(int(c), pool[rows[members]], candidates[members])
-    candidates = clip_boxes(candidates, *size)
+    return suppress(candidates, scores[rows, labels], labels, size, params)
+
+
+def suppress(
+    candidates: np.ndarray, scores: np.ndarray, labels: np.ndarray, size: tuple[int, int], params: DetectParams
+) -> dict[str, np.ndarray]:
+    """Every recipe's last step: clip ``(K, 4)`` candidate boxes to the image, drop empty ones, per-class NMS and cap.
+
+    ``scores (K,)`` and ``labels (K,)`` (0-based classes) go with the
+    candidates, already above ``score_threshold``; ``size`` is ``(width, height)``.
+    """
+    candidates = clip_boxes(as_boxes(candidates), *size)
     nonempty = (candidates[:, 2] > candidates[:, 0]) & (candidates[:, 3] > candidates[:, 1])
-    candidates, rows, labels = candidates[nonempty], rows[nonempty], labels[nonempty]
-    class_scores = scores[rows, labels].astype(np.float32)
-    keep = select(candidates, class_scores, labels, params)
-    return {"boxes": candidates[keep], "scores": class_scores[keep], "labels": labels[keep].astype(np.int32)}
+    candidates, scores, labels = candidates[nonempty], scores[nonempty].astype(np.float32), labels[nonempty]
+    keep = select(candidates, scores, labels, params)
+    return {"boxes": candidates[keep], "scores": scores[keep], "labels": labels[keep].astype(np.int32)}
 
 
 def image_scores(features: FeatureSet, i: int, proposals: np.ndarray, svm: SvmModel | None) -> np.ndarray:
@@ -162,6 +173,40 @@ def detect_split(
         yield features.image_ids[i], detect_image(boxes, scores, pool, regressor, size, params)
 
 
+class DetectionWriter:
+    """Writes one recipe's detections, image by image: the per-image HDF5 file and the COCO results JSON.
+
+    Both are written atomically when the block ends without an error; the
+    JSON is streamed, so memory does not grow with the split.
+    """
+
+    def __init__(self, out_path: Path, coco_path: Path, attrs: dict, classes: list[str]) -> None:
+        self.paths, self.attrs, self.classes = (out_path, coco_path), attrs, classes
+        self.total = 0
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "DetectionWriter":
+        out_path, coco_path = self.paths
+        coco_tmp = self._stack.enter_context(atomic_path(coco_path, ".json"))
+        self._results = self._stack.enter_context(open(coco_tmp, "w"))
+        self._writer = self._stack.enter_context(create_per_image(out_path, ROWS, self.attrs))
+        self._results.write("[")
+        self._position = 0
+        return self
+
+    def append(self, image_id: str, detections: dict[str, np.ndarray]) -> None:
+        self._writer.append(image_id, detections)
+        for entry in coco.result_entries(self._position, image_id, detections, self.classes):
+            self._results.write(("\n" if self.total == 0 else ",\n") + json.dumps(entry))
+            self.total += 1
+        self._position += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._results.write("\n]\n")
+        self._stack.__exit__(*exc)
+
+
 def run(
     params: DetectParams,
     recipe: str,
@@ -182,18 +227,13 @@ def run(
             "code_version": code_version("detect"),
             "inputs": {**{str(p): file_digest(p) for p in features.paths}, **model_inputs},
         }
-        start, total = time.perf_counter(), 0
-        with atomic_path(coco_path, ".json") as coco_tmp, open(coco_tmp, "w") as results, \
-                create_per_image(out_path, ROWS, attrs) as writer:
-            results.write("[")
-            for position, (image_id, detections) in enumerate(detect_split(features, svm, regressor, params)):
+        start = time.perf_counter()
+        with DetectionWriter(out_path, coco_path, attrs, classes) as writer:
+            for image_id, detections in detect_split(features, svm, regressor, params):
                 writer.append(image_id, detections)
-                for entry in coco.result_entries(position, image_id, detections, classes):
-                    results.write(("\n" if total == 0 else ",\n") + json.dumps(entry))
-                    total += 1
-            results.write("\n]\n")
         images, seconds = len(features), time.perf_counter() - start
     per_image = seconds / max(images, 1)
     timing = {"images": images, "wall_seconds": round(seconds, 3), "seconds_per_image": round(per_image, 6)}
     runs.record(out_path, timing)
-    print(f"detect {recipe} {test_split}: {total} detections in {images} images, {per_image:.4f} s/image", flush=True)
+    print(f"detect {recipe} {test_split}: {writer.total} detections in {images} images, {per_image:.4f} s/image",
+          flush=True)

@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from stages.core.config import FinetuneParams, as_dict
-from stages.core.engine import Checkpointing, Schedule, single_threaded_worker, train, write_torch
+from stages.core.engine import Checkpointing, Schedule, train, write_torch
 from stages.core.layout import checkpoint_file, index_file, proposals_dir
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader, shard_path
@@ -154,11 +153,6 @@ class WindowBatches(Dataset):
         return to_tensor_batch(regions, self.mean, self.std), labels
 
 
-def _init_worker(worker: int) -> None:
-    cv2.setNumThreads(1)
-    single_threaded_worker(worker)
-
-
 def run(
     params: FinetuneParams,
     train_split: str,
@@ -211,5 +205,4 @@ def run(
         curve_path,
         name=f"finetune {train_split}",
         num_workers=num_workers,
-        worker_init=_init_worker,
     )

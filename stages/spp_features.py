@@ -32,13 +32,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -50,13 +46,11 @@ from stages.core.layout import index_file, proposals_shard
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader, create_per_image
 from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
-from stages.data.images import load_image
+from stages.data.images import load_image, prefetch, resize
 from stages.models.backbones import Backbone, build_backbone
 from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
 
 RECIPE = "sppnet"
-T = TypeVar("T")
-U = TypeVar("U")
 
 
 def scaled_images(path: str, scales: tuple[int, ...], max_side: int, pin: bool) -> list[torch.Tensor]:
@@ -65,22 +59,9 @@ def scaled_images(path: str, scales: tuple[int, ...], max_side: int, pin: bool) 
     height, width = image.shape[:2]
     resized = []
     for factor in image_scales(width, height, scales, max_side):
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        tensor = torch.from_numpy(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR))
+        tensor = torch.from_numpy(resize(image, factor))
         resized.append(tensor.pin_memory() if pin else tensor)
     return resized
-
-
-def prefetch(function: Callable[[T], U], items: Iterable[T], threads: int) -> Iterator[U]:
-    """``map(function, items)`` run ahead by up to ``threads`` items in a thread pool (for GIL-releasing work)."""
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque[Future[U]] = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) > threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def conv_map(model: Backbone, image: torch.Tensor, device: torch.device) -> torch.Tensor:

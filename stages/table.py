@@ -13,6 +13,7 @@ entry below, then ``make dvc.yaml``.
 from __future__ import annotations
 
 from stages.core import layout
+from stages.core.config import SVD_SUFFIX
 from stages.core.stage import Output, Refs, Stage, metrics, plot
 
 
@@ -90,26 +91,48 @@ TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         name="svm", help="per-class linear SVMs with hard-negative mining (R-CNN step 4)",
-        fan_out=("recipe",), params=("data.train_split", "sharding", "svm"),
+        fan_out=("recipe",), recipes="detect.feature_recipes", params=("data.train_split", "sharding", "svm"),
         inputs=lambda r: {"features": layout.features_dir(r.recipe, r.train_split)},
         outputs=lambda r: {"out_path": Output(layout.svm_model(r.recipe)),
                            "report_path": metrics(layout.svm_report(r.recipe))},
     ),
     Stage(
         name="bbox", help="per-class ridge box regressors (R-CNN step 5)",
-        fan_out=("recipe",), params=("bbox", "data.train_split", "sharding"),
+        fan_out=("recipe",), recipes="detect.feature_recipes", params=("bbox", "data.train_split", "sharding"),
         inputs=lambda r: {"features": layout.features_dir(r.recipe, r.train_split)},
         outputs=lambda r: {"out_path": Output(layout.bbox_model(r.recipe))},
     ),
     Stage(
         name="detect", help="detections on the test split: scores, box regression, NMS",
-        fan_out=("recipe",),
+        fan_out=("recipe",), recipes="detect.feature_recipes",
         params=("data.test_split", "detect.box_regression", "detect.max_per_class", "detect.nms_iou",
                 "detect.score_threshold", "detect.scorer", "sharding"),
         inputs=lambda r: {"features": layout.features_dir(r.recipe, r.test_split),
                           "svm_path": layout.svm_model(r.recipe), "bbox_path": layout.bbox_model(r.recipe)},
         outputs=lambda r: {"out_path": Output(layout.detections_file(r.recipe)),
                            "coco_path": Output(layout.coco_detections(r.recipe))},
+    ),
+    Stage(
+        name="fast_rcnn_train", help="train Fast R-CNN (RoI pooling, multi-task loss) on the training proposals",
+        fan_out=("recipe",), recipes="detect.fast_rcnn_models",
+        params=("data.train_split", "fast_rcnn", "finetune.arch", "finetune.weights", "sharding"),
+        inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.train_split),
+                          "proposals": layout.proposals_dir(r.train_split)},
+        outputs=lambda r: {"model_path": Output(layout.fast_rcnn_model(r.recipe)),
+                           "curve_path": plot(layout.fast_rcnn_curve(r.recipe), "iteration")},
+    ),
+    Stage(
+        name="fast_rcnn_detect", help="Fast R-CNN detections on the test split, full and SVD-compressed fc layers",
+        fan_out=("recipe",), recipes="detect.fast_rcnn_models",
+        params=("data.test_split", "detect.max_per_class", "detect.nms_iou", "detect.score_threshold",
+                "fast_rcnn.max_side", "fast_rcnn.roi_chunk", "fast_rcnn.scales", "fast_rcnn.svd_ranks", "sharding"),
+        inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.test_split),
+                          "proposals": layout.proposals_dir(r.test_split),
+                          "model_path": layout.fast_rcnn_model(r.recipe)},
+        outputs=lambda r: {"out_path": Output(layout.detections_file(r.recipe)),
+                           "coco_path": Output(layout.coco_detections(r.recipe)),
+                           "svd_path": Output(layout.detections_file(f"{r.recipe}{SVD_SUFFIX}")),
+                           "svd_coco_path": Output(layout.coco_detections(f"{r.recipe}{SVD_SUFFIX}"))},
     ),
     Stage(
         name="coco_gt", help="the test split's ground truth as a COCO annotation file",

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.project import scratch_project, write_params  # noqa: F401  (write_params: for test modules)
 from stages.core import layout
-from stages.core.config import Config
+from stages.core.config import FAST_RCNN_MODELS, RECIPES, Config
 from stages.core.store import RowSpec, create_per_image, shard_path
 from stages.data.featureset import IMAGE_DATASETS, class_iou, feature_row, region_rows
 
@@ -32,6 +32,8 @@ TINY = {
     "finetune": {"input_size": 64, "batch_size": 8, "iterations": 3, "lr_step": 2},
     "features": {"batch_size": 16},
     "sppnet": {"scales": [128], "max_side": 200, "hidden": 64, "batch_size": 32, "iterations": 5, "lr_step": 3},
+    "fast_rcnn": {"scales": [128], "max_side": 200, "hidden": 64, "rois_per_image": 16, "ohem_rois": 16,
+                  "roi_chunk": 64, "iterations": 4, "lr_step": 3, "warmup": 0, "svd_ranks": [16, 8]},
     "svm": {"norm_sample": 500, "retrain_every": 200},
     "evaluate": {"gallery": 2},
     "runtime": {"num_workers": 2},
@@ -114,7 +116,9 @@ def artifacts(folder: Path) -> dict[str, bytes]:
              if layout.RUNS not in p.relative_to(folder).parents}
     outputs = [layout.FINETUNED_MODEL, layout.FINETUNE_CURVE, layout.SPP_HEAD, layout.SPP_FINETUNE_CURVE,
                layout.PROPOSAL_METRICS, layout.coco_ground_truth("test")]
-    for recipe in ("rcnn", "sppnet"):
+    for model in FAST_RCNN_MODELS:
+        outputs += [layout.fast_rcnn_model(model), layout.fast_rcnn_curve(model)]
+    for recipe in RECIPES:
         outputs += [layout.coco_detections(recipe), layout.map_metrics(recipe), layout.pr_curve(recipe)]
     for path in outputs:
         if (folder / path).is_file():

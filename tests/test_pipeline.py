@@ -13,17 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import REPO, artifacts, project_copy, sh, tiny_params, write_params
+import yaml
+from helpers import REPO, artifacts, project_copy, run_to_end, sh, tiny_params, write_params
 
 import pipeline
 from pipeline import dvc_yaml
 from stages.core import layout
+from stages.core.config import load_config
 from stages.core.provenance import code_files
 from stages.core.stage import RUNTIME, Refs, address, bindings, instances
 from stages.table import TABLE
 
 # end-to-end runs use one shard (sharding is exercised by test_scale_out)
-SHARDS, RECIPES = (0,), ("rcnn", "sppnet")
+SHARDS = (0,)
+FEATURE_RECIPES, FAST_MODELS = ("rcnn", "sppnet"), ("fast_rcnn", "fast_rcnn_ohem")
+RECIPES = (*FEATURE_RECIPES, *FAST_MODELS, "fast_rcnn_svd", "fast_rcnn_ohem_svd")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def dvc_stages() -> dict[str, dict]:
 
 
 def test_committed_dvc_yaml_is_the_generated_one():
-    assert (REPO / "dvc.yaml").read_text() == dvc_yaml.generate(), "stale dvc.yaml: run `make dvc.yaml`"
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml.generate(load_config(REPO / "params.yaml")), "stale dvc.yaml: run `make dvc.yaml`"
 
 
 def test_dvc_expands_the_table_as_the_luigi_tasks_do(repo_config):
@@ -76,7 +80,7 @@ def test_dvc_expands_the_table_as_the_luigi_tasks_do(repo_config):
 
 
 def test_code_deps_are_the_import_closure_of_the_stage_and_the_binding():
-    stages = dvc_yaml.generate()
+    stages = dvc_yaml.generate(load_config(REPO / "params.yaml"))
     for stage in TABLE:
         files = {str(p.relative_to(REPO)) for p in code_files(stage.module) + code_files("core.stage")}
         assert f"stages/{stage.module}.py" in files and "stages/core/stage.py" in files
@@ -105,6 +109,25 @@ def test_every_instance_has_its_producers_as_requirements(repo_config):
         [*(f"features@test-{k}" for k in repo_config.sharding.shards), "svm@rcnn", "bbox@rcnn"])
 
 
+def test_dvc_yaml_spells_out_the_recipes_and_a_stale_one_stops_every_stage_command(tmp_path):
+    params = tiny_params()
+    params["detect"]["recipes"] = ["rcnn", "fast_rcnn_svd"]
+    folder = project_copy(tmp_path / "p", params)
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    assert stages["svm"]["matrix"]["recipe"] == ["rcnn"]  # feature recipes only
+    assert stages["fast_rcnn_train"]["matrix"]["recipe"] == ["fast_rcnn"]  # the model the SVD recipe compresses
+    assert stages["evaluate"]["matrix"]["recipe"] == "${detect.recipes}"
+    params["detect"]["recipes"] = ["fast_rcnn"]
+    write_params(folder, params)
+    assert "svm" not in yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]  # no instance: left out
+    stale = (folder / "dvc.yaml").read_text().replace("- fast_rcnn\n", "- fast_rcnn_ohem\n")
+    (folder / "dvc.yaml").write_text(stale)
+    with pytest.raises(dvc_yaml.StaleDvcYaml, match="make dvc.yaml"):
+        dvc_yaml.check_recipes(load_config(folder / "params.yaml"), folder / "dvc.yaml")
+    result = run_to_end(["python", "-m", "stages", "coco_gt"], folder)
+    assert result.returncode == 1 and "run `make dvc.yaml`" in result.stderr
+
+
 def test_the_cli_has_one_command_per_stage():
     from stages.__main__ import _parser
 
@@ -121,6 +144,7 @@ def e2e_params() -> dict:
     """The tiny parameters with one shard: the whole DAG twice stays within a few minutes."""
     params = tiny_params()
     params["sharding"]["shards"] = list(SHARDS)
+    params["detect"]["recipes"] = list(RECIPES)
     return params
 
 
@@ -144,7 +168,9 @@ def dvc_clean(folder: Path) -> bool:
 ALL = sorted(["synthetic", "index", "recall", "finetune", "spp_finetune", "coco_gt",
               *(f"{name}@{s}-{k}" for name in ("proposals", "features", "spp_features", "spp_recache")
                 for s in ("trainval", "test") for k in SHARDS),
-              *(f"{name}@{r}" for name in ("svm", "bbox", "detect", "evaluate") for r in RECIPES)])
+              *(f"{name}@{r}" for name in ("svm", "bbox", "detect") for r in FEATURE_RECIPES),
+              *(f"{name}@{m}" for name in ("fast_rcnn_train", "fast_rcnn_detect") for m in FAST_MODELS),
+              *(f"evaluate@{r}" for r in RECIPES)])
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +198,19 @@ def test_both_orchestrators_write_identical_artifacts(projects):
     dvc_dir, luigi_dir = projects
     dvc_artifacts = artifacts(dvc_dir)
     # 2 index files, per split and shard proposals, R-CNN features, SPP pyramids and SPP-net features,
-    # per recipe an SVM, a box regressor, detections (.h5 and .json), mAP and PR curve; 2 models, 2 curves, recall,
-    # the COCO ground truth
-    assert len(dvc_artifacts) == 2 + 4 * 2 * len(SHARDS) + 2 * 6 + 4 + 1 + 1
+    # per feature recipe an SVM and a box regressor, per recipe detections (.h5 and .json), mAP and PR curve;
+    # 4 models and 4 curves (finetune, SPP-net, 2 Fast R-CNN), recall, the COCO ground truth
+    assert len(dvc_artifacts) == 2 + 4 * 2 * len(SHARDS) + 2 * 2 + 6 * 4 + 8 + 1 + 1
     assert dvc_artifacts == artifacts(luigi_dir)
     for recipe in RECIPES:
         mean_ap = json.loads((dvc_dir / layout.map_metrics(recipe)).read_text())
         assert 0 <= mean_ap["mAP_voc07"] <= 1 and 0 <= mean_ap["mAP_voc2010"] <= 1
         assert (dvc_dir / layout.figures_dir(recipe) / "pr.png").is_file()
     assert "recall@0.5" in sh(dvc_dir, "dvc", "metrics", "show")
+    assert "bbox_pred.weight" in sh(dvc_dir, "python", "-m", "stages", "inspect", "features_cache/fast_rcnn/fast_rcnn.pt")
+    image = json.loads((dvc_dir / layout.coco_ground_truth("test")).read_text())["images"][0]["image_name"]
+    shown = sh(dvc_dir, "python", "-m", "stages", "show", "--image", image, "--recipe", "fast_rcnn_svd")
+    assert (dvc_dir / shown.split("wrote ")[1].strip()).is_file()
     assert (dvc_dir / "features_cache" / "runs" / "proposals" / "test" / "shard-0.h5.json").is_file()
 
 
@@ -196,7 +226,12 @@ def test_a_parameter_change_reruns_exactly_its_dependents_under_either(projects)
     params["bbox"]["ridge_lambda"] = 100.0
     for folder in projects:
         write_params(folder, params)
-    expected = sorted(f"{name}@{r}" for name in ("bbox", "detect", "evaluate") for r in RECIPES)
+    expected = sorted(f"{name}@{r}" for name in ("bbox", "detect", "evaluate") for r in FEATURE_RECIPES)
+    assert swap(projects) == (expected, expected)
+    params["fast_rcnn"]["svd_ranks"] = [12, 6]  # test time only: no Fast R-CNN model is trained again
+    for folder in projects:
+        write_params(folder, params)
+    expected = sorted([*(f"fast_rcnn_detect@{m}" for m in FAST_MODELS), *(f"evaluate@{r}" for r in RECIPES[2:])])
     assert swap(projects) == (expected, expected)
     assert swap(projects) == ([], [])
     assert artifacts(projects[0]) == artifacts(projects[1])
@@ -211,7 +246,7 @@ def test_a_code_change_reruns_exactly_the_stages_that_import_it(projects):
     for folder in projects:
         with open(folder / "stages" / "evaluate.py", "a") as f:
             f.write("\n# a change\n")
-    expected = [f"evaluate@{r}" for r in RECIPES]
+    expected = sorted(f"evaluate@{r}" for r in RECIPES)
     assert swap(projects) == (expected, expected)
     assert swap(projects) == ([], [])
 

@@ -20,9 +20,20 @@ import yaml
 from stages.core.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
-# the feature branches that go through the post-hoc stages (svm, bbox, detect, evaluate)
-Recipe = Literal["rcnn", "sppnet"]
+# Every recipe the evaluate stage can score. Feature recipes go through the post-hoc stages (svm, bbox,
+# detect); Fast R-CNN recipes through fast_rcnn_train and fast_rcnn_detect, one trained model per sampler
+# (fast_rcnn: hierarchical sampling, fast_rcnn_ohem: OHEM) and the "_svd" recipes are the same model with
+# its fc layers compressed by truncated SVD at test time.
+Recipe = Literal["rcnn", "sppnet", "fast_rcnn", "fast_rcnn_ohem", "fast_rcnn_svd", "fast_rcnn_ohem_svd"]
 RECIPES: tuple[str, ...] = typing.get_args(Recipe)
+FEATURE_RECIPES = ("rcnn", "sppnet")
+FAST_RCNN_MODELS = {"fast_rcnn": "heuristic", "fast_rcnn_ohem": "ohem"}  # trained model -> its sampler
+SVD_SUFFIX = "_svd"
+
+
+def trained_model(recipe: str) -> str:
+    """The trained Fast R-CNN model a Fast R-CNN recipe detects with: ``fast_rcnn_svd`` -> ``fast_rcnn``."""
+    return recipe.removesuffix(SVD_SUFFIX)
 
 
 class ConfigError(PipelineError, ValueError):
@@ -230,11 +241,12 @@ class BboxParams:
 
 @dataclass(frozen=True)
 class DetectParams:
-    """Test-time detection (stage ``detect``) and which feature branches run through the post-hoc stages.
+    """Test-time detection (stages ``detect``, ``fast_rcnn_detect``) and which recipes one run compares.
 
-    ``recipes`` lists the branches (``rcnn``, ``sppnet``) that get SVMs, box
-    regressors, detections and an evaluation each; ``scorer`` picks the SVM
-    scores or the fine-tuned network's softmax probabilities.
+    ``recipes`` lists the recipes that get detections and an evaluation each
+    (:data:`RECIPES`); ``scorer`` picks, for the feature recipes, the SVM
+    scores or the fine-tuned network's softmax probabilities. NMS, the cap and
+    the score threshold apply to every recipe.
     """
 
     recipes: tuple[Recipe, ...]
@@ -246,9 +258,79 @@ class DetectParams:
 
     def __post_init__(self) -> None:
         if not self.recipes or len(set(self.recipes)) != len(self.recipes):
-            raise ConfigError(f"recipes must be a non-empty list of distinct branches, got {list(self.recipes)}")
+            raise ConfigError(f"recipes must be a non-empty list of distinct recipes, got {list(self.recipes)}")
         if not 0 < self.nms_iou <= 1 or self.max_per_class < 1:
             raise ConfigError(f"need 0 < nms_iou <= 1 and max_per_class >= 1, got {self.nms_iou}, {self.max_per_class}")
+
+    @property
+    def feature_recipes(self) -> tuple[str, ...]:
+        """The recipes of ``recipes`` that go through svm, bbox and detect."""
+        return tuple(r for r in self.recipes if r in FEATURE_RECIPES)
+
+    @property
+    def fast_rcnn_models(self) -> tuple[str, ...]:
+        """The Fast R-CNN models the recipes need trained and run (an ``_svd`` recipe needs its uncompressed model)."""
+        return tuple(dict.fromkeys(trained_model(r) for r in self.recipes if trained_model(r) in FAST_RCNN_MODELS))
+
+
+@dataclass(frozen=True)
+class FastRcnnParams:
+    """Fast R-CNN (stages ``fast_rcnn_train`` and ``fast_rcnn_detect``); the conv layers are ``finetune.arch``/``weights``.
+
+    The sampler is the recipe's: ``fast_rcnn`` samples hierarchically
+    (``rois_per_image`` RoIs per image, ``positive_fraction`` of them with IoU
+    at least ``fg_iou``, background in ``[bg_iou_low, fg_iou)``);
+    ``fast_rcnn_ohem`` keeps the ``ohem_rois`` highest-loss RoIs per image after
+    NMS at ``ohem_nms`` (background from IoU 0).
+    """
+
+    scales: tuple[int, ...]
+    max_side: int
+    pooling: Literal["roi_pool", "roi_align"]
+    pool_size: int
+    hidden: int
+    dropout: float
+    learn_from: int
+    images_per_batch: int
+    rois_per_image: int
+    positive_fraction: float
+    fg_iou: float
+    bg_iou_low: float
+    ohem_rois: int
+    ohem_nms: float
+    roi_chunk: int
+    loss_lambda: float
+    target_means: tuple[float, ...]
+    target_stds: tuple[float, ...]
+    mirror: bool
+    iterations: int
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    lr_step: int
+    lr_gamma: float
+    warmup: int
+    svd_ranks: tuple[int, ...]
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) < 1 or self.max_side < max(self.scales):
+            raise ConfigError(f"need scales >= 1 and max_side >= every scale, got {list(self.scales)}, {self.max_side}")
+        if min(self.pool_size, self.hidden, self.images_per_batch, self.rois_per_image, self.ohem_rois,
+               self.roi_chunk, self.iterations, self.lr_step) < 1:
+            raise ConfigError("pool_size, hidden, images_per_batch, rois_per_image, ohem_rois, roi_chunk, "
+                              "iterations and lr_step must be at least 1")
+        if not 0 <= self.dropout < 1 or self.learn_from < 0 or self.warmup < 0 or self.loss_lambda < 0:
+            raise ConfigError("need 0 <= dropout < 1, learn_from >= 0, warmup >= 0 and loss_lambda >= 0")
+        if not 0 <= self.positive_fraction <= 1 or not 0 <= self.bg_iou_low < self.fg_iou <= 1:
+            raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 <= bg_iou_low < fg_iou <= 1, got "
+                              f"{self.positive_fraction}, {self.bg_iou_low}, {self.fg_iou}")
+        if not 0 < self.ohem_nms <= 1:
+            raise ConfigError(f"need 0 < ohem_nms <= 1, got {self.ohem_nms}")
+        if len(self.target_means) != 4 or len(self.target_stds) != 4 or min(self.target_stds) <= 0:
+            raise ConfigError("target_means and target_stds need 4 values each, the stds positive")
+        if self.svd_ranks and (len(self.svd_ranks) != 2 or min(self.svd_ranks) < 1):
+            raise ConfigError(f"svd_ranks must be [] or [fc6 rank, fc7 rank], both at least 1, got {list(self.svd_ranks)}")
 
 
 @dataclass(frozen=True)
@@ -291,9 +373,15 @@ class Config:
     sppnet: SppParams
     svm: SvmParams
     bbox: BboxParams
+    fast_rcnn: FastRcnnParams
     detect: DetectParams
     evaluate: EvaluateParams
     runtime: RuntimeParams
+
+    def __post_init__(self) -> None:
+        svd = [r for r in self.detect.recipes if r.endswith(SVD_SUFFIX)]
+        if svd and not self.fast_rcnn.svd_ranks:
+            raise ConfigError(f"detect.recipes lists {svd} but fast_rcnn.svd_ranks is [] (no compression)")
 
 
 def load_config(path: str | Path = PARAMS_FILE) -> Config:

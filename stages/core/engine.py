@@ -124,7 +124,11 @@ def classification_step(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple
 
 
 def single_threaded_worker(_: int) -> None:
-    torch.set_num_threads(1)  # parallelism comes from the worker processes
+    """Loader workers compute on one thread each: parallelism comes from the worker processes."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def write_torch(path: Path, payload: Mapping[str, Any]) -> None:
@@ -264,6 +268,7 @@ def train(
     num_workers: int = 0,
     step: Step = classification_step,
     worker_init: Callable[[int], None] = single_threaded_worker,
+    describe: Callable[[Any], str] = lambda batch: "",
 ) -> None:
     """Train ``model`` for ``schedule.iterations`` mini-batches ``batches[b]``, resuming from a checkpoint of this run.
 
@@ -273,7 +278,8 @@ def train(
     model, in eval mode on the CPU, to write the stage's artifact; then the
     loss curve is written to ``curve_path`` and the checkpoint removed.
     ``name`` labels the progress bar and messages. :class:`TrainingError` if
-    the loss stops being finite.
+    the loss stops being finite, naming the iteration and ``describe(batch)``
+    (e.g. the batch's images); the last checkpoint is kept.
     """
     device = pick_device()
     # Contiguous, not channels_last: on the CPU, channels_last backward passes measured 2.5x slower
@@ -286,8 +292,9 @@ def train(
     for iteration, batch in enumerate(progress, start + 1):
         loss, accuracy = training.step(step, to_device(batch, device), device)
         if not math.isfinite(loss):
-            raise TrainingError(f"{name}: training diverged at iteration {iteration} (loss {loss}); "
-                                "lower the learning rate")
+            kept = f"; the last checkpoint, {checkpointing.path}, is kept" if checkpointing.path.is_file() else ""
+            raise TrainingError(f"{name}: training diverged at iteration {iteration} (loss {loss}"
+                                f"{describe(batch)}){kept}; lower the learning rate")
         training.losses.append(loss)
         training.accuracies.append(accuracy)
         recent = slice(-CURVE_WINDOW, None)

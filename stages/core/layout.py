@@ -46,7 +46,7 @@ def recall_curve(split: str) -> Path:
 
 
 # --- feature caches and the post-hoc stages --------------------------------------------------
-# A "recipe" is a feature branch: rcnn (per-region forward passes) or sppnet (pyramid pooling).
+# A feature recipe: rcnn (per-region forward passes) or sppnet (pyramid pooling).
 FEATURES = CACHE / "features"
 SPP = CACHE / "spp"
 SPP_HEAD = SPP / "head.pt"
@@ -99,6 +99,18 @@ def coco_detections(recipe: str) -> Path:
 def coco_ground_truth(split: str) -> Path:
     """A split's ground truth as a COCO annotation file, the one its COCO results are evaluated against."""
     return COCO / f"ground_truth_{split}.json"
+
+
+# --- Fast R-CNN: one model file per trained model (fast_rcnn, fast_rcnn_ohem) -------------------
+FAST_RCNN = CACHE / "fast_rcnn"
+
+
+def fast_rcnn_model(model: str) -> Path:
+    return FAST_RCNN / f"{model}.pt"
+
+
+def fast_rcnn_curve(model: str) -> Path:
+    return REPORTS / f"{model}_curve.csv"
 
 
 def map_metrics(recipe: str) -> Path:

@@ -132,6 +132,16 @@ class Stage:
     fan_out: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
     module: str = field(default="")
+    recipes: str = FAN_OUT["recipe"]  # the config attribute listing this stage's ``recipe`` values
+
+    @property
+    def derived_recipes(self) -> bool:
+        """Whether the recipe values are computed from ``detect.recipes`` (a property), not a params key.
+
+        DVC templates cannot filter a list, so ``dvc.yaml`` spells such values
+        out when it is generated (:mod:`pipeline.dvc_yaml`).
+        """
+        return "recipe" in self.fan_out and self.recipes != FAN_OUT["recipe"]
 
     def __post_init__(self) -> None:
         unknown = set(self.fan_out) - set(FAN_OUT)
@@ -151,14 +161,14 @@ def address(stage: Stage, item: Mapping[str, Any]) -> str:
     return f"{stage.name}@{'-'.join(values)}" if values else stage.name
 
 
-def fan_out_values(cfg: Config, dim: str) -> tuple[Any, ...]:
-    values = resolve(cfg, FAN_OUT[dim])
+def fan_out_values(cfg: Config, stage: Stage, dim: str) -> tuple[Any, ...]:
+    values = resolve(cfg, stage.recipes if dim == "recipe" else FAN_OUT[dim])
     return tuple(dict.fromkeys(values))
 
 
 def items(stage: Stage, cfg: Config) -> list[dict[str, Any]]:
     """Every instance of a stage, as ``{dimension: value}``, in DVC's matrix order."""
-    axes = [fan_out_values(cfg, dim) for dim in stage.fan_out]
+    axes = [fan_out_values(cfg, stage, dim) for dim in stage.fan_out]
     return [dict(zip(stage.fan_out, combo)) for combo in itertools.product(*axes)]
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from stages.core.config import RECIPES
+from stages.core.config import FEATURE_RECIPES
 from stages.core.layout import features_dir
 from stages.core.store import ArtifactError, PerImageReader, RowSpec, shard_path
 from stages.ops.boxes import as_boxes
@@ -82,8 +82,8 @@ class FeatureSet(PerImageReader):
     """All shards of one recipe's feature cache of one split, read image by image (only that image's chunks)."""
 
     def __init__(self, recipe: str, split: str, num_shards: int) -> None:
-        if recipe not in RECIPES:
-            raise ArtifactError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        if recipe not in FEATURE_RECIPES:
+            raise ArtifactError(f"unknown recipe {recipe!r}; choose one of {', '.join(FEATURE_RECIPES)}")
         self.recipe = recipe
         folder = features_dir(recipe, split)
         super().__init__([shard_path(folder, k) for k in range(num_shards)])

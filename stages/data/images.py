@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -12,6 +16,10 @@ from stages.core.errors import PipelineError
 # Large scans and aerial images are legitimate input; Pillow's decompression-bomb
 # guard (89 M pixels) would reject them with a warning promoted to an error later.
 Image.MAX_IMAGE_PIXELS = 2**31
+
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class ImageError(PipelineError, ValueError):
@@ -42,3 +50,22 @@ def load_image(path: str | Path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{path}: cannot decode image ({exc})") from None
     return np.asarray(rgb)
+
+
+def resize(image: np.ndarray, factor: float) -> np.ndarray:
+    """``(H, W, 3)`` -> ``(round(H * factor), round(W * factor), 3)`` (at least 1 x 1), bilinear."""
+    height, width = image.shape[:2]
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+
+
+def prefetch(function: Callable[[T], U], items: Iterable[T], threads: int) -> Iterator[U]:
+    """``map(function, items)`` run ahead by up to ``threads`` items in a thread pool (for GIL-releasing work)."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future[U]] = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

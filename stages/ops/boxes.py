@@ -50,6 +50,12 @@ def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     return np.clip(boxes, 0, upper).astype(np.float32)
 
 
+def hflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """``(N, 4)`` -> ``(N, 4)`` float32 boxes of the image mirrored left to right (``width`` pixels wide)."""
+    boxes = as_boxes(boxes)
+    return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+
+
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     """``(N, 4)`` ``x, y, w, h`` (OpenCV ``Rect``) -> ``(N, 4)`` ``x1, y1, x2, y2``."""
     boxes = as_boxes(boxes)

@@ -1,0 +1,160 @@
+"""Fast R-CNN's network: what ``fast_rcnn_train`` trains and ``fast_rcnn_detect`` reads.
+
+::
+
+    image --trunk--> conv map (stride 16) --RoI pooling--> p x p x C --fc6, fc7--> cls_score (K + 1 softmax)
+                                                                            \\-> bbox_pred (4 (K + 1) deltas)
+
+``trunk`` is the registry backbone's ``features`` (:mod:`stages.models.backbones`)
+with its batch norms frozen (:class:`torchvision.ops.FrozenBatchNorm2d`: two
+images per mini-batch are too few for batch statistics, as in torchvision's
+detectors); its first ``learn_from`` modules do not learn. RoI pooling is
+:func:`torchvision.ops.roi_pool` (max over bins, the paper's) or
+:func:`torchvision.ops.roi_align`. fc6 and fc7 are new layers of ``hidden``
+units with dropout: EfficientNet-Lite0 and ResNet have no pre-trained hidden
+fc layers to reuse, and two thin fc layers keep the per-RoI cost far below a
+conv pass (what makes test time fast). The box deltas are trained on
+normalised targets; :meth:`FastRcnn.detect` un-normalises them.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d, roi_align, roi_pool
+
+from stages.core.store import ArtifactError
+from stages.models.backbones import build_backbone
+from stages.ops.svd import truncated_svd
+
+FC6, FC7 = 0, 3  # positions of the two linear layers in FastRcnn.fc
+
+
+def freeze_batch_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every :class:`nn.BatchNorm2d` replaced by a :class:`FrozenBatchNorm2d` of the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norms(child)
+    return module
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode (no dropout) for the block, then restore its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class FastRcnn(nn.Module):
+    """The network of the module docstring; ``arch`` from the backbone registry, ``num_classes`` without background."""
+
+    def __init__(
+        self, arch: str, num_classes: int, pooling: str, pool_size: int, hidden: int, dropout: float,
+        learn_from: int, target_means: Sequence[float], target_stds: Sequence[float], weights: str = "random",
+    ) -> None:
+        super().__init__()
+        backbone = build_backbone(arch, weights)
+        self.arch, self.num_classes, self.pooling, self.pool_size = arch, num_classes, pooling, pool_size
+        self.hidden_units, self.dropout = hidden, dropout
+        self.stride = backbone.stride
+        self.trunk = freeze_batch_norms(backbone.features)
+        for module in list(self.trunk.children())[:learn_from]:
+            module.requires_grad_(False)
+        self.register_buffer("pixel_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("pixel_std", torch.tensor(backbone.std).view(1, 3, 1, 1) * 255)
+        self.register_buffer("target_means", torch.tensor(target_means, dtype=torch.float32))
+        self.register_buffer("target_stds", torch.tensor(target_stds, dtype=torch.float32))
+        self.fc = nn.Sequential(
+            nn.Linear(backbone.feature_channels * pool_size * pool_size, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        )
+        self.cls_score = nn.Linear(hidden, num_classes + 1)
+        self.bbox_pred = nn.Linear(hidden, 4 * (num_classes + 1))
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    @property
+    def pad_value(self) -> tuple[int, int, int]:
+        """The uint8 colour that normalises to (about) zero: what pads a mini-batch of unequal images."""
+        return tuple(int(round(v)) for v in self.pixel_mean.flatten().tolist())
+
+    def conv(self, images: Tensor) -> Tensor:
+        """``(B, H, W, 3)`` uint8 RGB images -> ``(B, C, ceil(H / 16), ceil(W / 16))`` conv maps."""
+        x = images.permute(0, 3, 1, 2).float().sub_(self.pixel_mean).div_(self.pixel_std)
+        return self.trunk(x)
+
+    def pool(self, conv: Tensor, rois: Tensor) -> Tensor:
+        """``(R, 5)`` RoIs ``image, x1, y1, x2, y2`` (continuous pixels of the conv input) -> ``(R, C * p * p)``.
+
+        :func:`roi_pool` takes inclusive pixel corners (the reference
+        implementation's), so ``x2, y2`` are passed as ``x2 - 1, y2 - 1``;
+        :func:`roi_align` (``aligned=True``) takes continuous ones.
+        """
+        rois = rois.to(conv.dtype)
+        if self.pooling == "roi_align":
+            pooled = roi_align(conv, rois, self.pool_size, 1 / self.stride, sampling_ratio=2, aligned=True)
+        else:
+            inclusive = torch.cat([rois[:, :3], rois[:, 3:] - 1], dim=1)
+            pooled = roi_pool(conv, inclusive, self.pool_size, 1 / self.stride)
+        return pooled.flatten(1)
+
+    def heads(self, conv: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, K + 1)`` class logits and ``(R, K + 1, 4)`` normalised box deltas of ``(R, 5)`` RoIs on ``conv``."""
+        features = self.fc(self.pool(conv, rois))
+        return self.cls_score(features), self.bbox_pred(features).view(len(rois), self.num_classes + 1, 4)
+
+    def detect(self, conv: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, K + 1)`` float32 softmax probabilities and ``(R, K + 1, 4)`` un-normalised deltas (eval mode)."""
+        logits, deltas = self.heads(conv, rois)
+        return torch.softmax(logits.float(), dim=1), deltas.float() * self.target_stds + self.target_means
+
+    def compressed(self, ranks: Sequence[int]) -> "FastRcnn":
+        """A copy with fc6 and fc7 replaced by their truncated SVDs of ``ranks`` (:func:`truncated_svd`)."""
+        copied = copy.deepcopy(self)
+        for position, rank in zip((FC6, FC7), ranks):
+            copied.fc[position] = truncated_svd(self.fc[position], rank)
+        return copied.eval()
+
+
+def model_file(model: FastRcnn, classes: list[str], learn_from: int) -> dict:
+    """What a Fast R-CNN model file holds besides its state dict and provenance: enough to rebuild it."""
+    return {
+        "arch": model.arch, "classes": classes, "num_classes": model.num_classes, "pooling": model.pooling,
+        "pool_size": model.pool_size, "hidden": model.hidden_units, "dropout": model.dropout,
+        "learn_from": learn_from, "target_means": model.target_means.tolist(),
+        "target_stds": model.target_stds.tolist(),
+    }
+
+
+def load_fast_rcnn(path: str | Path) -> FastRcnn:
+    """The model saved by ``fast_rcnn_train``, on the CPU in eval mode, with ``classes`` set."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: Fast R-CNN model not found (run the fast_rcnn_train stage first)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = FastRcnn(saved["arch"], saved["num_classes"], saved["pooling"], saved["pool_size"], saved["hidden"],
+                         saved["dropout"], saved["learn_from"], saved["target_means"], saved["target_stds"])
+        model.load_state_dict(saved["state_dict"], strict=True)
+    except (KeyError, RuntimeError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a Fast R-CNN model file of this pipeline ({exc})") from None
+    model.classes = list(saved["classes"])
+    return model.eval()
