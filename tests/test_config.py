@@ -234,3 +234,34 @@ def test_as_dict_is_plain_json_data() -> None:
         "test_split": "b",
         "train_split": "a",
     }
+
+
+def test_recipes_split_into_feature_recipes_and_the_fast_rcnn_models_they_need(tmp_path: Path) -> None:
+    path = _modified(tmp_path, "detect", "recipes", ["fast_rcnn_ohem_svd", "rcnn", "fast_rcnn_svd", "fast_rcnn"])
+    detect = load_config(path).detect
+    assert detect.feature_recipes == ("rcnn",)
+    assert detect.fast_rcnn_models == ("fast_rcnn_ohem", "fast_rcnn")
+
+
+@pytest.mark.parametrize("key, value, error", [
+    ("svd_ranks", [256], "svd_ranks must be"),
+    ("bg_iou_low", 0.6, "bg_iou_low < fg_iou"),
+    ("target_stds", [0.1, 0.1, 0.2], "4 values each"),
+    ("max_side", 500, "max_side >= every scale"),
+    ("ohem_nms", 0.0, "ohem_nms"),
+])
+def test_bad_fast_rcnn_params(tmp_path: Path, key: str, value: Any, error: str) -> None:
+    assert error in _error(_modified(tmp_path, "fast_rcnn", key, value))
+
+
+def test_an_svd_recipe_needs_svd_ranks(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["fast_rcnn"]["svd_ranks"] = []
+    raw["detect"]["recipes"] = ["fast_rcnn", "fast_rcnn_svd"]
+    assert "svd_ranks is [] (no compression)" in _error(_write(tmp_path, raw))
+    raw["detect"]["recipes"] = ["fast_rcnn"]
+    assert load_config(_write(tmp_path, raw)).fast_rcnn.svd_ranks == ()
+
+
+def test_unknown_recipe(tmp_path: Path) -> None:
+    assert "is not one of" in _error(_modified(tmp_path, "detect", "recipes", ["faster_rcnn"]))
