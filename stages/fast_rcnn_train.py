@@ -175,7 +175,8 @@ def run(
     print(f"fast_rcnn_train {recipe} ({sampler} sampling) {train_split}: {len(images)} images, "
           f"{sum(len(i.rois.boxes) for i in images)} candidate RoIs, {foreground} foreground", flush=True)
     provenance = {
-        "params": {"fast_rcnn": as_dict(params), "finetune.arch": finetune.arch, "finetune.weights": finetune.weights,
+        "params": {"fast_rcnn": {k: v for k, v in as_dict(params).items() if k in params.training_keys()},
+                   "finetune.arch": finetune.arch, "finetune.weights": finetune.weights,
                    "data.train_split": train_split},
         "code_version": code_version("fast_rcnn_train"),
         "inputs": {

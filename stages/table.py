@@ -13,7 +13,7 @@ entry below, then ``make dvc.yaml``.
 from __future__ import annotations
 
 from stages.core import layout
-from stages.core.config import SVD_SUFFIX
+from stages.core.config import SVD_SUFFIX, FastRcnnParams
 from stages.core.stage import Output, Refs, Stage, metrics, plot
 
 
@@ -115,7 +115,8 @@ TABLE: tuple[Stage, ...] = (
     Stage(
         name="fast_rcnn_train", help="train Fast R-CNN (RoI pooling, multi-task loss) on the training proposals",
         fan_out=("recipe",), recipes="detect.fast_rcnn_models",
-        params=("data.train_split", "fast_rcnn", "finetune.arch", "finetune.weights", "sharding"),
+        params=("data.train_split", *(f"fast_rcnn.{k}" for k in FastRcnnParams.training_keys()), "finetune.arch",
+                "finetune.weights", "sharding"),
         inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.train_split),
                           "proposals": layout.proposals_dir(r.train_split)},
         outputs=lambda r: {"model_path": Output(layout.fast_rcnn_model(r.recipe)),

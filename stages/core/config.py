@@ -273,6 +273,9 @@ class DetectParams:
         return tuple(dict.fromkeys(trained_model(r) for r in self.recipes if trained_model(r) in FAST_RCNN_MODELS))
 
 
+FAST_RCNN_TEST_KEYS = ("svd_ranks",)  # read at test time only: changing them never retrains a Fast R-CNN model
+
+
 @dataclass(frozen=True)
 class FastRcnnParams:
     """Fast R-CNN (stages ``fast_rcnn_train`` and ``fast_rcnn_detect``); the conv layers are ``finetune.arch``/``weights``.
@@ -331,6 +334,11 @@ class FastRcnnParams:
             raise ConfigError("target_means and target_stds need 4 values each, the stds positive")
         if self.svd_ranks and (len(self.svd_ranks) != 2 or min(self.svd_ranks) < 1):
             raise ConfigError(f"svd_ranks must be [] or [fc6 rank, fc7 rank], both at least 1, got {list(self.svd_ranks)}")
+
+    @classmethod
+    def training_keys(cls) -> tuple[str, ...]:
+        """The keys training reads: every key but :data:`FAST_RCNN_TEST_KEYS`."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in FAST_RCNN_TEST_KEYS)
 
 
 @dataclass(frozen=True)
