@@ -141,7 +141,7 @@ def row(name: str, folder: Path, recipe: str, times: dict[str, float], base_time
         svm = json.loads((folder / runs.run_file(layout.svm_model(recipe))).read_text())
         svm_stage, svm_fit = seconds.get(f"Svm:{recipe}", 0.0), sum(c["seconds"] for c in svm["classes"].values())
     else:
-        test = runs.read(folder / layout.detections_file(recipe))["seconds_per_image"]
+        test = json.loads((folder / runs.run_file(layout.detections_file(recipe))).read_text())["seconds_per_image"]
         svm_stage = svm_fit = None
     return {"variant": name, "mAP (VOC07 11-pt)": 100 * metrics["mAP_voc07"],
             "mAP (VOC2010+)": 100 * metrics["mAP_voc2010"], "train s": train,
