@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -20,6 +22,8 @@ from stages.core import layout
 from stages.core.config import FAST_RCNN_MODELS, RECIPES, Config
 from stages.core.store import RowSpec, create_per_image, shard_path
 from stages.data.featureset import IMAGE_DATASETS, class_iou, feature_row, region_rows
+from stages.data.voc import Problems, discover_classes, find_image, read_annotations, read_split_ids
+from stages.ops.boxes import xyxy_to_xywh
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
@@ -90,6 +94,33 @@ def write_features(split: str, images: list[dict], classes: list[str], num_shard
                 values = {"boxes": boxes, "gt_label": labels, "iou": iou, "pool": image["pool"], "fc": image["fc"],
                           "scores": image["scores"]}
                 writer.append(image["id"], values, widths=image["size"][0], heights=image["size"][1])
+
+
+def voc_to_coco(root: Path, files: dict[str, Path]) -> None:
+    """Write each VOC split of ``root`` (``{split: COCO file}``) as a COCO instances file, images in JPEGImages/.
+
+    Every object is kept as it is, bad ones too, so that both routes meet the same problems. An
+    XML that does not parse is left out (its image then is in neither file, as the VOC route
+    drops it). Category ids follow the sorted names from 1 and are listed in reverse, so a reader
+    must order them by id, not by position; COCO's numeric ids are offset from the positions.
+    """
+    ids = {split: read_split_ids(root, split, Problems("skip")) for split in files}
+    annotations = read_annotations(root, sorted({i for split_ids in ids.values() for i in split_ids}), Problems("skip"))
+    category = {name: k + 1 for k, name in enumerate(discover_classes(list(annotations.values())))}
+    for split, path in files.items():
+        images, anns = [], []
+        for image_id in (i for i in ids[split] if i in annotations):
+            ann = annotations[image_id]
+            image = find_image(root, image_id, ann.filename)
+            number = 100 + len(images)
+            images.append({"id": number, "file_name": image.name if image else f"{image_id}.jpg",
+                           "width": ann.width, "height": ann.height})
+            for obj, bbox in zip(ann.objects, xyxy_to_xywh([o.box for o in ann.objects]).tolist()):
+                anns.append({"id": 1000 + len(anns), "image_id": number, "category_id": category[obj.name],
+                             "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": int(obj.difficult)})
+        categories = [{"id": k, "name": name} for name, k in reversed(category.items())]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
 
 
 def environment(folder: Path) -> dict[str, str]:

@@ -13,7 +13,6 @@ from stages.core.config import (
     BboxParams,
     Config,
     ConfigError,
-    DataParams,
     ShardingParams,
     as_dict,
     load_config,
@@ -226,11 +225,19 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_as_dict_is_plain_json_data() -> None:
-    data = DataParams(root="r", train_split="a", test_split="b", classes=("x", "y"), on_error="skip")
+    data = dataclasses.replace(load_config(REAL).data, root="r", train_split="a", test_split="b", classes=("x", "y"))
     assert as_dict(data) == {
         "classes": ["x", "y"],
-        "on_error": "skip",
+        "coco_test_annotations": "",
+        "coco_test_images": "",
+        "coco_train_annotations": "",
+        "coco_train_images": "",
+        "format": "voc",
+        "on_error": "raise",
         "root": "r",
+        "split": "files",
+        "split_seed": 0,
+        "test_fraction": 0.25,
         "test_split": "b",
         "train_split": "a",
     }
@@ -265,3 +272,32 @@ def test_an_svd_recipe_needs_svd_ranks(tmp_path: Path) -> None:
 
 def test_unknown_recipe(tmp_path: Path) -> None:
     assert "is not one of" in _error(_modified(tmp_path, "detect", "recipes", ["faster_rcnn"]))
+
+
+def test_data_defaults_read_a_voc_folder_with_split_files() -> None:
+    data = load_config(REAL).data
+    assert (data.format, data.split) == ("voc", "files")
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"test_fraction": 1.0}, "test_fraction must be between 0 and 1"),
+    ({"test_fraction": 0}, "test_fraction must be between 0 and 1"),
+    ({"split": "auto", "test_split": "trainval"}, "split: auto needs format: voc"),
+    ({"split": "auto", "format": "coco", "coco_train_annotations": "a.json", "coco_test_annotations": "b.json"},
+     "split: auto needs format: voc"),
+    ({"format": "coco", "coco_train_annotations": "a.json"}, "format: coco needs coco_train_annotations and"),
+    ({"coco_test_images": "/data/images"}, "coco_test_images must be a path inside root"),
+    ({"coco_train_annotations": "../a.json"}, "coco_train_annotations must be a path inside root"),
+    ({"split": "hash"}, "'hash' is not one of ['files', 'auto']"),
+])
+def test_bad_data_params(tmp_path: Path, changes: dict, error: str) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["data"].update(changes)
+    assert error in _error(_write(tmp_path, raw))
+
+
+def test_coco_files_per_split() -> None:
+    data = dataclasses.replace(load_config(REAL).data, format="coco", coco_train_annotations="a.json",
+                               coco_train_images="train", coco_test_annotations="b.json", coco_test_images="")
+    assert data.coco_files == {"trainval": ("a.json", "train"), "test": ("b.json", "")}
+    assert dataclasses.replace(data, test_split="trainval").coco_files == {"trainval": ("a.json", "train")}

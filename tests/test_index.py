@@ -12,7 +12,7 @@ from PIL import Image
 from stages import index
 from stages.core.config import DataParams
 from stages.core.store import PerImageReader
-from stages.data.voc import DataError
+from stages.data.voc import DataError, in_test_split
 
 # image id -> (width, height, [(name, xmin, ymin, xmax, ymax, difficult)]) in VOC 1-based inclusive pixels
 IMAGES = {
@@ -44,8 +44,14 @@ def _dataset(root: Path, images: dict = IMAGES, splits: dict = SPLITS) -> Path:
     return root
 
 
-def _params(root: Path, classes: tuple[str, ...] = (), on_error: str = "raise") -> DataParams:
-    return DataParams(root=str(root), train_split="trainval", test_split="test", classes=classes, on_error=on_error)
+def _params(root: Path, classes: tuple[str, ...] = (), on_error: str = "raise", **changes) -> DataParams:
+    """The defaults of params.yaml (a VOC folder, split files) for the dataset at ``root``."""
+    return DataParams(**{**DEFAULTS, "root": str(root), "classes": classes, "on_error": on_error, **changes})
+
+
+DEFAULTS = {"format": "voc", "train_split": "trainval", "test_split": "test", "split": "files", "test_fraction": 0.25,
+            "split_seed": 0, "coco_train_annotations": "", "coco_train_images": "", "coco_test_annotations": "",
+            "coco_test_images": ""}
 
 
 @pytest.fixture()
@@ -66,9 +72,7 @@ def test_index_contents(root: Path, tmp_path: Path) -> None:
         assert r.attrs["stage"] == "index"
         assert r.json_attr("problems") == []
         assert r.attrs["clipped_boxes"] == 1  # counted over the whole dataset (img3)
-        assert r.json_attr("params") == {
-            "data": {"classes": [], "on_error": "raise", "root": str(root), "test_split": "test", "train_split": "trainval"}
-        }
+        assert r.json_attr("params") == {"data": {**DEFAULTS, "classes": [], "on_error": "raise", "root": str(root)}}
         assert re.fullmatch(r"[0-9a-f]{64}", r.attrs["code_version"])
         assert re.fullmatch(r"[0-9a-f]{64}", r.json_attr("inputs")["dataset"])
         assert [r.value("paths", i) for i in range(2)] == ["JPEGImages/img1.png", "JPEGImages/img2.png"]
@@ -185,9 +189,87 @@ def test_duplicate_split_line_is_a_problem(tmp_path: Path) -> None:
 
 def test_missing_split_file(root: Path, tmp_path: Path) -> None:
     (root / "ImageSets" / "Main" / "test.txt").unlink()
-    with pytest.raises(DataError, match="test.txt: split file not found"):
+    with pytest.raises(DataError, match="test.txt: split file not found") as info:
         index.run(_params(root), tmp_path / "out", num_workers=1)
+    assert "set data.split: auto to split the images by a hash of their id" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+# --- data.split: auto ---------------------------------------------------------------------------------
+
+AUTO = {"split": "auto", "test_fraction": 0.5, "split_seed": 5}  # puts img1 and img3 in the test split
+
+
+@pytest.fixture()
+def unsplit(tmp_path: Path) -> Path:
+    """The dataset as annotation tools export it: Annotations/ and JPEGImages/, no ImageSets/."""
+    root = _dataset(tmp_path / "unsplit", splits={})
+    (root / "ImageSets" / "Main").rmdir()
+    (root / "ImageSets").rmdir()
+    return root
+
+
+def test_auto_split_writes_the_split_as_imagesets_files(unsplit: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    index.run(_params(unsplit, **AUTO), out, num_workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["test.h5", "test.txt", "trainval.h5", "trainval.txt"]
+    assert (out / "trainval.txt").read_text() == "img2\nimg4\n"
+    assert (out / "test.txt").read_text() == "img1\nimg3\n"
+    with PerImageReader([out / "trainval.h5"]) as r:
+        assert r.image_ids == ["img2", "img4"]
+        assert r.json_attr("params")["data"]["split"] == "auto"
+    with PerImageReader([out / "test.h5"]) as r:
+        assert r.image_ids == ["img1", "img3"]
+
+
+def test_an_auto_split_pinned_into_imagesets_gives_the_same_index(unsplit: Path, tmp_path: Path) -> None:
+    index.run(_params(unsplit, **AUTO), tmp_path / "auto", num_workers=1)
+    (unsplit / "ImageSets" / "Main").mkdir(parents=True)
+    for split in ("trainval", "test"):
+        (unsplit / "ImageSets" / "Main" / f"{split}.txt").write_bytes((tmp_path / "auto" / f"{split}.txt").read_bytes())
+    index.run(_params(unsplit), tmp_path / "pinned", num_workers=1)
+    for split in ("trainval", "test"):
+        with PerImageReader([tmp_path / "auto" / f"{split}.h5"]) as auto, PerImageReader(
+            [tmp_path / "pinned" / f"{split}.h5"]
+        ) as pinned:
+            assert auto.image_ids == pinned.image_ids
+            for i in range(len(auto)):
+                np.testing.assert_array_equal(auto.rows("gt_boxes", i), pinned.rows("gt_boxes", i))
+
+
+def test_auto_split_lists_ids_that_fail_validation_too(unsplit: Path, tmp_path: Path) -> None:
+    (unsplit / "JPEGImages" / "img3.png").unlink()
+    out = tmp_path / "index"
+    index.run(_params(unsplit, on_error="skip", **AUTO), out, num_workers=1)
+    assert (out / "test.txt").read_text() == "img1\nimg3\n"  # the drawn split, so that pinning it changes nothing
+    with PerImageReader([out / "test.h5"]) as r:
+        assert r.image_ids == ["img1"]
+
+
+def test_auto_split_is_deterministic_and_about_the_fraction() -> None:
+    # sha256, never hash(): the same on every machine and Python; these values pin it
+    assert [in_test_split(f"{i:06d}", 0.5, 0) for i in range(8)] == [False, True, False, True, True, False, True, True]
+    ids = [f"image_{i}" for i in range(4000)]
+    drawn = [in_test_split(i, 0.3, 0) for i in ids]
+    assert drawn == [in_test_split(i, 0.3, 0) for i in ids]
+    assert abs(np.mean(drawn) - 0.3) < 0.02
+    assert drawn != [in_test_split(i, 0.3, 1) for i in ids]  # another seed, another split
+    # an image's split depends on its own id only, and a larger fraction only adds test images
+    assert all(in_test_split(i, 0.5, 0) for i, test in zip(ids, drawn) if test)
+
+
+def test_auto_split_without_images_in_a_split(unsplit: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        index.run(_params(unsplit, **{**AUTO, "split_seed": 0}), tmp_path / "out", num_workers=1)
+    assert str(info.value) == (f"{unsplit}: data.split: auto put none of the 4 images in the test split "
+                               "(test_fraction 0.5); change data.test_fraction or data.split_seed")
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_split_without_annotations(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "Annotations").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"Annotations: no \.xml annotation files to split \(data.split: auto\)"):
+        index.run(_params(tmp_path / "empty", **AUTO), tmp_path / "out", num_workers=1)
 
 
 def test_missing_root(tmp_path: Path) -> None:
@@ -219,11 +301,11 @@ from helpers import BCCD  # noqa: E402
 
 @pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD dataset not present at {BCCD}")
 def test_bccd_is_read_by_changing_params_only(tmp_path):
-    data = DataParams(root=str(BCCD), train_split="trainval", test_split="test", classes=(), on_error="raise")
+    data = _params(BCCD)
     with pytest.raises(DataError, match="2 problem") as error:
         index.run(data, tmp_path / "strict")
     assert "BloodImage_00338.xml" in str(error.value) and "BloodImage_00343.xml" in str(error.value)
-    index.run(DataParams(**{**data.__dict__, "on_error": "skip"}), tmp_path / "index")
+    index.run(_params(BCCD, on_error="skip"), tmp_path / "index")
     with PerImageReader([tmp_path / "index" / "trainval.h5"]) as trainval, PerImageReader(
         [tmp_path / "index" / "test.h5"]
     ) as test:

@@ -11,6 +11,7 @@ from stages.core.errors import PipelineError
 from stages.data.voc import (
     Annotation,
     DataError,
+    Entry,
     Problems,
     VocObject,
     build_record,
@@ -19,6 +20,7 @@ from stages.data.voc import (
     parse_annotation,
     read_annotations,
     read_split_ids,
+    voc_entries,
     write_annotation,
 )
 
@@ -214,8 +216,9 @@ def root(tmp_path: Path) -> Path:
 
 def _record(root: Path, *objects: VocObject, size: tuple[int, int] = (WIDTH, HEIGHT), on_error: str = "skip"):
     problems = Problems(on_error)
-    record = build_record(root, "img", Annotation("img.png", size[0], size[1], objects), CLASSES, problems)
-    return record, problems
+    annotation = Annotation("img.png", size[0], size[1], objects)
+    entry = Entry("img", annotation, root / "JPEGImages" / "img.png", _xml_path(root))
+    return build_record(root, entry, CLASSES, problems), problems
 
 
 def _xml_path(root: Path) -> Path:
@@ -319,11 +322,14 @@ def test_build_record_accepts_missing_xml_size(root: Path) -> None:
     assert (record.width, record.height) == (WIDTH, HEIGHT)
 
 
-def test_build_record_missing_image(tmp_path: Path) -> None:
+def test_voc_entries_report_a_missing_image(root: Path) -> None:
     problems = Problems("skip")
-    record = build_record(tmp_path, "img", Annotation("img.jpg", WIDTH, HEIGHT, ()), CLASSES, problems)
-    assert record is None
-    assert problems.messages == [f"{_xml_path(tmp_path)}: no image file for 'img' in {tmp_path / 'JPEGImages'}"]
+    annotations = {"img": Annotation("", WIDTH, HEIGHT, ()), "gone": Annotation("gone.jpg", WIDTH, HEIGHT, ())}
+    (entry,) = voc_entries(root, ["gone", "img", "unparsed"], annotations, problems)
+    assert entry == Entry("img", annotations["img"], root / "JPEGImages" / "img.png", _xml_path(root),
+                          ("Annotations/img.xml",))
+    missing = f"{root / 'Annotations' / 'gone.xml'}: no image file for 'gone' in {root / 'JPEGImages'}"
+    assert problems.messages == [missing]
 
 
 def test_build_record_undecodable_image(tmp_path: Path) -> None:
@@ -331,7 +337,8 @@ def test_build_record_undecodable_image(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_bytes(b"")
     problems = Problems("skip")
-    record = build_record(tmp_path, "img", Annotation("img.jpg", WIDTH, HEIGHT, ()), CLASSES, problems)
+    entry = Entry("img", Annotation("img.jpg", WIDTH, HEIGHT, ()), path, _xml_path(tmp_path))
+    record = build_record(tmp_path, entry, CLASSES, problems)
     assert record is None
     assert len(problems.messages) == 1
     assert problems.messages[0].startswith(f"{path}: cannot decode image")

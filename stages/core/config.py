@@ -12,7 +12,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -59,17 +59,55 @@ class SyntheticParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    """Where the VOC-layout dataset is and how to read it (stage ``index``)."""
+    """Where the dataset is and how to read it (stage ``index``).
 
+    ``format: voc`` reads a VOC folder whose splits are ``ImageSets/Main/<split>.txt``
+    (``split: files``) or drawn by a hash of each image id (``split: auto``, about
+    ``test_fraction`` of the images in the test split). ``format: coco`` reads one
+    COCO annotation file and image folder per split, the ``coco_*`` paths, relative
+    to ``root`` (an image folder ``""`` is ``root`` itself); its files define the split.
+    """
+
+    format: Literal["voc", "coco"]
     root: str
     train_split: str
     test_split: str
+    split: Literal["files", "auto"]
+    test_fraction: float
+    split_seed: int
+    coco_train_annotations: str
+    coco_train_images: str
+    coco_test_annotations: str
+    coco_test_images: str
     classes: tuple[str, ...]
     on_error: Literal["raise", "skip"]
+
+    def __post_init__(self) -> None:
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
+        if self.split == "auto" and (self.format != "voc" or self.train_split == self.test_split):
+            raise ConfigError("split: auto needs format: voc (a COCO dataset's files define its split) "
+                              "and distinct train_split and test_split")
+        if self.format == "coco" and not (self.coco_train_annotations and self.coco_test_annotations):
+            raise ConfigError("format: coco needs coco_train_annotations and coco_test_annotations")
+        for key in ("coco_train_annotations", "coco_train_images", "coco_test_annotations", "coco_test_images"):
+            path = PurePosixPath(getattr(self, key))
+            if path.is_absolute() or ".." in path.parts:
+                raise ConfigError(f"{key} must be a path inside root (relative, without '..'), got {str(path)!r}")
 
     @property
     def splits(self) -> tuple[str, str]:
         return (self.train_split, self.test_split)
+
+    @property
+    def coco_files(self) -> dict[str, tuple[str, str]]:
+        """``{split: (annotation file, image folder)}`` of ``format: coco``, relative to ``root``, train first.
+
+        Two splits of one name (train on the test split, a smoke test) are one entry, the train files.
+        """
+        files = {self.train_split: (self.coco_train_annotations, self.coco_train_images)}
+        files.setdefault(self.test_split, (self.coco_test_annotations, self.coco_test_images))
+        return files
 
 
 @dataclass(frozen=True)

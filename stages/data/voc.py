@@ -1,12 +1,16 @@
-"""PASCAL VOC layout: reading, validating and writing annotations.
+"""PASCAL VOC layout: reading, validating and writing annotations; the validation every format shares.
 
 VOC XML stores 1-based inclusive pixel coordinates; the project uses continuous
 ``x1, y1, x2, y2`` (see :mod:`stages.ops.boxes`). The conversion happens here and
 nowhere else: ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``, so a box's
 width ``x2 - x1`` equals the devkit's ``xmax - xmin + 1``.
+
+A reader (VOC here, COCO in :mod:`stages.data.coco_in`) turns each image into
+an :class:`Entry`; :func:`build_record` validates any entry the same way.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ class VocObject:
     name: str
     box: tuple[float, float, float, float]  # continuous x1, y1, x2, y2
     difficult: bool
+    ref: str = ""  # how messages name the object in its file ("annotation id 7 (bbox [...])"); "" = by its VOC box
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,17 @@ class ImageRecord:
     boxes: np.ndarray  # (K, 4) float32, continuous x1, y1, x2, y2
     labels: np.ndarray  # (K,) int32 index into the class list
     difficult: np.ndarray  # (K,) bool
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image as its reader found it, still to be validated by :func:`build_record`."""
+
+    image_id: str
+    annotation: Annotation
+    image_path: Path  # an existing file: readers report a missing image themselves
+    where: Path | str  # what messages about the image name: its XML file, or a COCO file and image id
+    files: tuple[str, ...] = ()  # the image's own annotation files, relative to the root (provenance)
 
 
 @dataclass
@@ -139,7 +155,10 @@ def read_split_ids(root: Path, split: str, problems: Problems) -> list[str]:
     """Image ids listed in ``ImageSets/Main/<split>.txt``, duplicates reported and dropped."""
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
-        raise DataError(f"{path}: split file not found (is data.root a VOC folder?)")
+        raise DataError(
+            f"{path}: split file not found (is data.root a VOC folder? Without ImageSets/Main/, "
+            "set data.split: auto to split the images by a hash of their id)"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")  # Windows editors may start the file with a byte-order mark
     except UnicodeDecodeError as exc:
@@ -187,34 +206,69 @@ def discover_classes(annotations: list[Annotation]) -> tuple[str, ...]:
     return tuple(sorted({obj.name for ann in annotations for obj in ann.objects}))
 
 
-def build_record(
-    root: Path, image_id: str, ann: Annotation, classes: tuple[str, ...], problems: Problems
-) -> ImageRecord | None:
+def voc_entries(root: Path, ids: list[str], annotations: dict[str, Annotation], problems: Problems) -> list[Entry]:
+    """The entries of ``ids`` that have a readable annotation and an image file; a missing image is reported."""
+    entries = []
+    for image_id in (i for i in ids if i in annotations):
+        xml = f"Annotations/{image_id}.xml"
+        image_path = find_image(root, image_id, annotations[image_id].filename)
+        if image_path is None:
+            problems.add(root / xml, f"no image file for {image_id!r} in {root / 'JPEGImages'}")
+        else:
+            entries.append(Entry(image_id, annotations[image_id], image_path, root / xml, (xml,)))
+    return entries
+
+
+def auto_split(root: Path, splits: tuple[str, str], test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """``data.split: auto``: every ``Annotations/<id>.xml``, each put in the test split by :func:`in_test_split`."""
+    ids = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+    if not ids:
+        raise DataError(f"{root / 'Annotations'}: no .xml annotation files to split (data.split: auto)")
+    test = {i for i in ids if in_test_split(i, test_fraction, seed)}
+    assigned = {splits[0]: [i for i in ids if i not in test], splits[1]: [i for i in ids if i in test]}
+    for split, split_ids in assigned.items():
+        if not split_ids:
+            raise DataError(
+                f"{root}: data.split: auto put none of the {len(ids)} images in the {split} split "
+                f"(test_fraction {test_fraction}); change data.test_fraction or data.split_seed"
+            )
+    return assigned
+
+
+def in_test_split(image_id: str, test_fraction: float, seed: int) -> bool:
+    """Whether ``image_id`` is a test image: sha256 of the seed and id, read as a number in [0, 1).
+
+    It depends on the image's own id only, so adding or removing images never moves another one
+    between the splits, and sha256 is the same on every machine and Python (unlike ``hash()``).
+    The test split's size is therefore about, not exactly, ``test_fraction`` of the images.
+    """
+    digest = hashlib.sha256(f"{seed}\0{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+def build_record(root: Path, entry: Entry, classes: tuple[str, ...], problems: Problems) -> ImageRecord | None:
     """Validate one image and its objects; ``None`` if the image itself is unusable."""
-    xml_path = root / "Annotations" / f"{image_id}.xml"
-    image_path = find_image(root, image_id, ann.filename)
-    if image_path is None:
-        problems.add(xml_path, f"no image file for {image_id!r} in {root / 'JPEGImages'}")
-        return None
+    image_path, ann, where = entry.image_path, entry.annotation, entry.where
     try:
         height, width = load_image(image_path).shape[:2]
     except ImageError as exc:
         problems.add(image_path, str(exc).removeprefix(f"{image_path}: "))  # the path itself may contain ": "
         return None
     if (ann.width, ann.height) not in ((0, 0), (width, height)):
-        problems.add(xml_path, f"size {ann.width}x{ann.height} disagrees with the image's {width}x{height}")
+        problems.add(where, f"size {ann.width}x{ann.height} disagrees with the image's {width}x{height}")
         return None
     boxes, labels, difficult = [], [], []
     for obj in ann.objects:
-        box = _validate_box(np.array(obj.box, dtype=np.float32), width, height, problems, xml_path)
+        box = _validate_box(obj, width, height, problems, where)
         if obj.name not in classes:
-            problems.add(xml_path, f"unknown class {obj.name!r} (classes: {list(classes)})")
+            named = f"{obj.ref}: " if obj.ref else ""
+            problems.add(where, f"{named}unknown class {obj.name!r} (classes: {list(classes)})")
         elif box is not None:
             boxes.append(box)
             labels.append(classes.index(obj.name))
             difficult.append(obj.difficult)
     return ImageRecord(
-        image_id=image_id,
+        image_id=entry.image_id,
         path=image_path.relative_to(root).as_posix(),
         width=width,
         height=height,
@@ -224,9 +278,10 @@ def build_record(
     )
 
 
-def _validate_box(box: np.ndarray, width: int, height: int, problems: Problems, where: Path) -> np.ndarray | None:
+def _validate_box(obj: VocObject, width: int, height: int, problems: Problems, where: Path | str) -> np.ndarray | None:
+    box = np.array(obj.box, dtype=np.float32)
     x1, y1, x2, y2 = box
-    described = f"box (xmin={x1 + 1:g}, ymin={y1 + 1:g}, xmax={x2:g}, ymax={y2:g})"
+    described = obj.ref or f"box (xmin={x1 + 1:g}, ymin={y1 + 1:g}, xmax={x2:g}, ymax={y2:g})"
     if not np.isfinite(box).all():  # NaN fails every comparison below and would slip through
         problems.add(where, f"non-finite {described}")
         return None
