@@ -46,5 +46,7 @@ clean: $(STAMP)
 verify: $(STAMP)
 	$(BIN)/python -m pipeline verify
 
+# options of the runner, e.g. make ablation ABLATION_ARGS="--seeds 3" (python -m bench.ablation --help)
+ABLATION_ARGS ?=
 ablation: $(STAMP)
-	$(BIN)/python -m bench.ablation
+	$(BIN)/python -m bench.ablation $(ABLATION_ARGS)

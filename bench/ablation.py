@@ -24,6 +24,21 @@ markdown table, and the per-class AP of the full run, to
 SECTION.KEY=VALUE`` changes a base parameter (e.g. ``proposals.max_boxes=500``
 to bound the CPU time of a large dataset) and ``--skip TEXT`` leaves out the
 variants whose name contains TEXT.
+
+``--seeds K`` runs everything K times: run k (k = 0 .. K-1) adds k to the
+``seed`` of every training section (finetune, sppnet, fast_rcnn, svm, bbox:
+every section of params.yaml with a ``seed`` but the data's), so run 0 is the
+run without ``--seeds``. The data stay fixed: ``synthetic.seed`` (the
+generated dataset) and ``proposals.seed`` (it only orders OpenCV's selective
+search output; the proposals are part of the data every recipe is trained and
+tested on) are never changed, and the stages that read no seed are not rerun.
+The full run of seed k is a hard-linked copy of seed 0's (Luigi reruns what
+the seeds reach, from fine-tuning on), and each variant of seed k a copy of
+it. Each mAP is then reported as mean +- sample standard deviation (ddof=1)
+over the K runs (one run: the value alone), a second table lists the mAP of
+every seed, and the time columns are means over the seeds. The same figures,
+per seed, go to a JSON file beside the markdown report (``--report PATH``
+writes both elsewhere: ``PATH`` and ``PATH`` with the suffix ``.json``).
 """
 from __future__ import annotations
 
@@ -32,9 +47,11 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -121,6 +138,74 @@ def apply_setting(params: dict, assignment: str) -> None:
     params[section][name] = yaml.safe_load(value)
 
 
+# Sections whose seed describes the data, not the training: the same in every seed's run.
+DATA_SEEDS = ("synthetic", "proposals")
+
+
+def seeded_sections(params: dict) -> list[str]:
+    """The sections whose ``seed`` ``--seeds`` varies: every section with a seed but :data:`DATA_SEEDS`."""
+    return [name for name, section in params.items()
+            if isinstance(section, dict) and "seed" in section and name not in DATA_SEEDS]
+
+
+def seed_params(params: dict, offset: int) -> dict:
+    """A copy of ``params`` with ``offset`` added to the seed of every :func:`seeded_sections` section."""
+    params = json.loads(json.dumps(params))
+    for name in seeded_sections(params):
+        params[name]["seed"] += offset
+    return params
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One figure measured once per seed: the mean and the sample standard deviation (ddof=1)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (ddof=1); None for a single value."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def format(self, digits: int) -> str:
+        """``mean ± std``; a single value alone, as a run without ``--seeds`` shows it."""
+        if self.std is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+    def as_json(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "per_seed": list(self.values)}
+
+
+MAP_COLUMNS = ("mAP (VOC07 11-pt)", "mAP (VOC2010+)")
+
+
+def summarise(rows: list[dict]) -> dict:
+    """One variant's row over its per-seed rows (seed 0 first): each mAP a :class:`Spread`, each time the mean
+    over the seeds (None where the variant has none)."""
+    summary = {}
+    for key, first in rows[0].items():
+        values = [r[key] for r in rows]
+        if key in MAP_COLUMNS:
+            summary[key] = Spread(tuple(values))
+        elif isinstance(first, float):
+            summary[key] = statistics.fmean(values)
+        else:
+            summary[key] = first
+    return summary
+
+
+def per_seed_table(per_seed: dict[str, list[dict]]) -> list[dict]:
+    """The mAP of every seed, ``VOC07 / VOC2010+``, one row per variant and one column per seed offset."""
+    return [{"variant": name, **{f"seed +{k}": f"{r[MAP_COLUMNS[0]]:.1f} / {r[MAP_COLUMNS[1]]:.1f}"
+                                 for k, r in enumerate(rows)}}
+            for name, rows in per_seed.items()]
+
+
 def variant_params(base: dict, recipe: str, changes: dict[str, dict]) -> dict:
     params = json.loads(json.dumps(base))
     for section, values in changes.items():
@@ -162,10 +247,22 @@ def per_class_rows(folder: Path, recipes: list[str]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     for r in rows:
-        cells = ["-" if v is None else f"{v:.1f}" if "AP" in k else f"{v:.2f}" if isinstance(v, float) else str(v)
+        cells = ["-" if v is None else v.format(1 if "AP" in k else 2) if isinstance(v, Spread)
+                 else f"{v:.1f}" if "AP" in k else f"{v:.2f}" if isinstance(v, float) else str(v)
                  for k, v in r.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a whole number >= 1")
+    return value
+
+
+def folder_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -175,8 +272,15 @@ def main(argv: list[str] | None = None) -> str:
                         help="change a base parameter (the value is read as YAML); repeatable")
     parser.add_argument("--skip", action="append", default=[], metavar="TEXT",
                         help="leave out the variants whose name contains TEXT; repeatable")
+    parser.add_argument("--seeds", type=positive, default=1, metavar="K",
+                        help="run every variant K times, adding k = 0 .. K-1 to the seeds of finetune, sppnet, "
+                        "fast_rcnn, svm and bbox (never synthetic.seed or proposals.seed: the data stay fixed); "
+                        "mAP as mean +- sample standard deviation (ddof=1) over the K runs (default 1: one run, "
+                        "the seeds of params.yaml)")
     parser.add_argument("--workdir", type=Path, help="keep the workspaces in this folder; a later run with the "
                         "same folder reuses them, and Luigi reruns only what changed")
+    parser.add_argument("--report", type=Path, metavar="PATH", help="write the markdown report here (and the "
+                        "JSON one to PATH with the suffix .json) instead of features_cache/reports/")
     args = parser.parse_args(argv)
     base_params = yaml.safe_load((REPO / "params.yaml").read_text())
     if args.data_root:
@@ -185,32 +289,65 @@ def main(argv: list[str] | None = None) -> str:
         apply_setting(base_params, assignment)
     variants = {name: v for name, v in VARIANTS.items() if not any(text in name for text in args.skip)}
     scratch = args.workdir or Path(tempfile.mkdtemp(prefix="rcnn-ablation-"))
+    per_seed: dict[str, list[dict]] = {name: [] for name in variants}
     try:
-        base = scratch / "base"
-        if not base.exists():
-            scratch_project(base, base_params)
-        write_params(base, base_params)
-        print(f"full pipeline in {base} ...", flush=True)
-        base_times = run_pipeline(base)
-        classes = per_class_rows(base, base_params["detect"]["recipes"])
-        rows = []
-        for name, (recipe, changes) in variants.items():
-            folder = scratch / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-            if not folder.exists():
-                variant_copy(base, folder)
-            write_params(folder, variant_params(base_params, recipe, changes))
-            print(f"variant {name!r} ...", flush=True)
-            times = run_pipeline(folder)
-            rows.append(row(name, folder, recipe, times, base_times, base_params["data"]["test_split"]))
+        first_times: dict[str, float] = {}
+        for k in range(args.seeds):
+            # seed 0 keeps the folders of a run without --seeds, so an earlier --workdir is reused
+            home = scratch if k == 0 else scratch / f"seed-{k}"
+            params = seed_params(base_params, k)
+            base = home / "base"
+            if not base.exists():
+                if k == 0:
+                    scratch_project(base, params)
+                else:
+                    variant_copy(scratch / "base", base)
+            write_params(base, params)
+            label = "" if args.seeds == 1 else f" (seed +{k})"
+            print(f"full pipeline{label} in {base} ...", flush=True)
+            # a stage the seed did not reach keeps its time of seed 0's full run
+            base_times = {**first_times, **run_pipeline(base)}
+            if k == 0:
+                first_times = base_times
+                classes = per_class_rows(base, base_params["detect"]["recipes"])
+            for name, (recipe, changes) in variants.items():
+                folder = home / folder_name(name)
+                if not folder.exists():
+                    variant_copy(base, folder)
+                write_params(folder, variant_params(params, recipe, changes))
+                print(f"variant {name!r}{label} ...", flush=True)
+                times = run_pipeline(folder)
+                per_seed[name].append(row(name, folder, recipe, times, base_times, base_params["data"]["test_split"]))
     finally:
         if not args.workdir:
             shutil.rmtree(scratch, ignore_errors=True)
+    rows = [summarise(seed_rows) for seed_rows in per_seed.values()]
     dataset = args.data_root or "the generated default dataset"
     command = " ".join(["python -m bench.ablation", *(argv if argv is not None else sys.argv[1:])])
-    report = (f"Ablations on {dataset} (test split), measured by `{command}`:\n\n{markdown(rows)}\n"
-              f"Per-class AP of the full run:\n\n{markdown(classes)}")
+    sections = seeded_sections(base_params)
+    if args.seeds == 1:
+        spread, full_run = "", "the full run"
+    else:
+        spread = (f"Each mAP is the mean ± the sample standard deviation (ddof=1) over {args.seeds} seeds: seed +k "
+                  f"adds k to the seeds of {', '.join(sections)} (the data and proposals fixed); times are means "
+                  f"over the seeds.\n\n")
+        full_run = "the full run of seed +0"
+    report = (f"Ablations on {dataset} (test split), measured by `{command}`:\n\n{spread}{markdown(rows)}\n")
+    if args.seeds > 1:
+        report += f"mAP of each seed (VOC07 11-pt / VOC2010+):\n\n{markdown(per_seed_table(per_seed))}\n"
+    report += f"Per-class AP of {full_run}:\n\n{markdown(classes)}"
     name = f"ablation-{Path(args.data_root).resolve().name}.md" if args.data_root else "ablation.md"
-    write_text(REPO / "features_cache" / "reports" / name, report)
+    path = args.report or REPO / "features_cache" / "reports" / name
+    write_text(path, report)
+    figures = {
+        "command": command, "dataset": dataset, "seeds": args.seeds,
+        "seed_offsets": list(range(args.seeds)), "seeded_sections": sections, "fixed_seeds": list(DATA_SEEDS),
+        "std": "sample standard deviation over the seeds (ddof=1); null for one seed",
+        "variants": [{**{k: v.as_json() if isinstance(v, Spread) else v for k, v in summary.items()},
+                      "per_seed": seed_rows} for summary, seed_rows in zip(rows, per_seed.values())],
+        "per_class": classes,
+    }
+    write_text(path.with_suffix(".json"), json.dumps(figures, indent=2) + "\n")
     print(report)
     return report
 
