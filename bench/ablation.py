@@ -70,6 +70,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "SVMs without hard-negative mining": ("rcnn", {"svm": {"mining": False}}),
     "float32 feature cache": ("rcnn", {"features": {"precision": "float32"}}),
     "SPP-net features": ("sppnet", {}),
+    "SPP-net, fc dropout 0.5 (the paper's)": ("sppnet", {"sppnet": {"dropout": 0.5}}),
     "Fast R-CNN (hierarchical sampling)": ("fast_rcnn", {}),
     "Fast R-CNN, only fc layers learn": ("fast_rcnn", {"fast_rcnn": {"learn_from": 1000}}),
     "Fast R-CNN + OHEM": ("fast_rcnn_ohem", {}),

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from stages.core import runs
-from stages.core.config import FeatureParams, FinetuneParams, SppParams, as_dict
+from stages.core.config import SPP_PYRAMID_KEYS, FeatureParams, FinetuneParams, SppParams
 from stages.core.device import autocast, pick_device
 from stages.core.layout import index_file, proposals_shard
 from stages.core.provenance import code_version, file_digest
@@ -110,7 +110,7 @@ def _attrs(
         "stride": model.stride,
         "pool_dim": pyramid_dim(model.feature_channels, params.levels),
         "params": {
-            "sppnet": as_dict(params),
+            **{f"sppnet.{k}": getattr(params, k) for k in SPP_PYRAMID_KEYS},
             "features.precision": features.precision,
             "features.compression": features.compression,
             "finetune.arch": finetune.arch,

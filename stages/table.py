@@ -13,7 +13,7 @@ entry below, then ``make dvc.yaml``.
 from __future__ import annotations
 
 from stages.core import layout
-from stages.core.config import SVD_SUFFIX, FastRcnnParams
+from stages.core.config import SPP_PYRAMID_KEYS, SVD_SUFFIX, FastRcnnParams
 from stages.core.stage import Output, Refs, Stage, metrics, plot
 
 
@@ -71,7 +71,7 @@ TABLE: tuple[Stage, ...] = (
         name="spp_features", help="SPP-net pyramids of the pre-trained conv layers, one shard of one split",
         fan_out=("split", "shard"),
         params=("data.train_split", "features.compression", "features.precision", "finetune.arch",
-                "finetune.weights", "sharding", "sppnet"),
+                "finetune.weights", "sharding", *(f"sppnet.{k}" for k in SPP_PYRAMID_KEYS)),
         inputs=_split_shard_of_proposals,
         outputs=lambda r: {"out_path": Output(layout.spp_shard(r.split, r.shard))},
     ),

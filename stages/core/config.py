@@ -192,6 +192,9 @@ class FeatureParams:
             raise ConfigError(f"need batch_size >= 1 and 0 <= compression <= 9, got {self.batch_size}, {self.compression}")
 
 
+SPP_PYRAMID_KEYS = ("scales", "max_side", "levels")  # what spp_features reads: the rest only trains the fc layers
+
+
 @dataclass(frozen=True)
 class SppParams:
     """The SPP-net branch: pyramid features of the pre-trained conv layers, fc layers trained on them, re-cached.
