@@ -144,7 +144,7 @@ TABLE: tuple[Stage, ...] = (
     Stage(
         name="evaluate", help="PASCAL VOC AP and mAP, COCO metrics (pycocotools), precision-recall curves, gallery",
         fan_out=("recipe",), params=("data.test_split", "evaluate"),
-        inputs=lambda r: {"index": layout.index_file(r.test_split),
+        inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.test_split),
                           "detections_path": layout.detections_file(r.recipe),
                           "coco_results_path": layout.coco_detections(r.recipe),
                           "coco_gt_path": layout.coco_ground_truth(r.test_split)},
