@@ -11,7 +11,9 @@ regressors and detections, "no box regression" only detection and evaluation.
 Times come from Luigi's per-task processing time; a stage a variant did not
 rerun keeps the time it took in the full run. "train s" adds up fine-tuning,
 the training split's feature caching and the post-hoc training stages of the
-variant's recipe (Fast R-CNN: its training stage); "SVM stage s" is the whole SVM stage (reading the cached
+variant's recipe (Fast R-CNN: its training stage; Fast R-CNN fc7 + SVMs, recipe
+``fast_rcnn_svm``: that training, the caching of the training split's features
+and its SVMs and box regressors); "SVM stage s" is the whole SVM stage (reading the cached
 features image by image included), "SVM fitting s" the liblinear fits alone
 (the sum over classes of the seconds in the SVM model's run record; "-" for
 Fast R-CNN, which has none); "test s/img" is the test split's feature caching
@@ -75,6 +77,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "Fast R-CNN, only fc layers learn": ("fast_rcnn", {"fast_rcnn": {"learn_from": 1000}}),
     "Fast R-CNN + OHEM": ("fast_rcnn_ohem", {}),
     "Fast R-CNN + truncated SVD": ("fast_rcnn_svd", {}),
+    "Fast R-CNN fc7 + SVMs (post-hoc)": ("fast_rcnn_svm", {}),
 }
 TRAIN_TASKS = {
     "rcnn": ("Finetune", "Features:train", "Svm:rcnn", "Bbox:rcnn"),
@@ -82,9 +85,12 @@ TRAIN_TASKS = {
     "fast_rcnn": ("FastRcnnTrain:fast_rcnn",),
     "fast_rcnn_ohem": ("FastRcnnTrain:fast_rcnn_ohem",),
     "fast_rcnn_svd": ("FastRcnnTrain:fast_rcnn",),
+    "fast_rcnn_svm": ("FastRcnnTrain:fast_rcnn", "FastRcnnRecache:train", "Svm:fast_rcnn_svm", "Bbox:fast_rcnn_svm"),
 }
-# Fast R-CNN's test seconds per image are its detection run record's (conv pass plus the head timed alone)
-TEST_TASKS = {"rcnn": ("Features:test", "Detect:rcnn"), "sppnet": ("SppFeatures:test", "SppRecache:test", "Detect:sppnet")}
+# The feature recipes' test seconds per image are their test feature caching and detect stage's; Fast R-CNN's
+# are its detection run record's (conv pass plus the head timed alone)
+TEST_TASKS = {"rcnn": ("Features:test", "Detect:rcnn"), "sppnet": ("SppFeatures:test", "SppRecache:test", "Detect:sppnet"),
+              "fast_rcnn_svm": ("FastRcnnRecache:test", "Detect:fast_rcnn_svm")}
 
 # Runs in the variant's folder: builds RunAll and records each task's processing time.
 RUNNER = """

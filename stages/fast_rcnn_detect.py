@@ -22,9 +22,7 @@ seconds per image of the conv pass, of each head and of the whole detection.
 """
 from __future__ import annotations
 
-import os
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +35,9 @@ from stages.core.device import autocast, pick_device
 from stages.core.layout import index_file, proposals_dir
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, PerImageReader
-from stages.data.images import load_image, prefetch, resize
 from stages.detect import DetectionWriter, suppress
-from stages.models.fast_rcnn import FastRcnn, load_fast_rcnn
+from stages.models.fast_rcnn import FastRcnn, conv_pass, image_rois, load_fast_rcnn, resized_images
 from stages.ops.boxes import as_boxes, decode_boxes
-from stages.ops.spp import image_scales
-
-
-def resized_image(path: str, scale: int, max_side: int, pin: bool) -> tuple[torch.Tensor, float]:
-    """Decode an image and resize it for the conv pass: ``(h, w, 3)`` uint8 tensor (pinned if ``pin``), factor."""
-    image = load_image(path)
-    factor = image_scales(image.shape[1], image.shape[0], [scale], max_side)[0]
-    tensor = torch.from_numpy(resize(image, factor))
-    return (tensor.pin_memory() if pin else tensor), factor
 
 
 def class_boxes(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
@@ -122,10 +110,8 @@ def run(
                        **{str(p): file_digest(p) for p in proposals.paths}},
         }
         root = Path(index.attrs["data_root"])
-        decode = partial(resized_image, scale=fast_rcnn.scales[0], max_side=fast_rcnn.max_side,
-                         pin=device.type == "cuda")
-        loader = prefetch(decode, [str(root / index.value("paths", i)) for i in range(len(index))],
-                          max(1, num_workers or os.cpu_count() or 1))
+        loader = resized_images([str(root / index.value("paths", i)) for i in range(len(index))], fast_rcnn.scales[0],
+                                fast_rcnn.max_side, device, num_workers)
         seconds = {"conv": 0.0, **{name: 0.0 for name in heads}}
         start = time.perf_counter()
         with DetectionWriter(out_path, coco_path, {**attrs, "recipe": recipe}, classes) as full, \
@@ -137,14 +123,13 @@ def run(
                 boxes = as_boxes(proposals.rows("boxes", i))
                 size = (int(index.value("widths", i)), int(index.value("heights", i)))
                 tic = time.perf_counter()
-                with autocast(device):
-                    conv = model.conv(image.to(device, non_blocking=True)[None])
+                conv = conv_pass(model, image, device)
                 _synchronize(device)
                 seconds["conv"] += time.perf_counter() - tic
-                rois = torch.from_numpy(np.concatenate([np.zeros((len(boxes), 1), np.float32), boxes * factor], 1))
+                rois = image_rois(boxes, factor).to(device)
                 for name, head in heads.items():
                     tic = time.perf_counter()
-                    probs, deltas = head_outputs(head, conv, rois.to(device), fast_rcnn.roi_chunk)
+                    probs, deltas = head_outputs(head, conv, rois, fast_rcnn.roi_chunk)
                     writers[name].append(index.image_ids[i], detections(probs, deltas, boxes, size, params))
                     seconds[name] += time.perf_counter() - tic
         wall, count = time.perf_counter() - start, len(index)

@@ -13,7 +13,7 @@ entry below, then ``make dvc.yaml``.
 from __future__ import annotations
 
 from stages.core import layout
-from stages.core.config import SPP_PYRAMID_KEYS, SVD_SUFFIX, FastRcnnParams
+from stages.core.config import SPP_PYRAMID_KEYS, SVD_SUFFIX, SVM_SUFFIX, FastRcnnParams
 from stages.core.stage import Output, Refs, Stage, metrics, plot
 
 
@@ -123,8 +123,16 @@ TABLE: tuple[Stage, ...] = (
                            "curve_path": plot(layout.fast_rcnn_curve(r.recipe), "iteration")},
     ),
     Stage(
+        name="fast_rcnn_recache", help="a trained Fast R-CNN model's pool, fc7 and softmax of one shard of one split",
+        fan_out=("recipe", "split", "shard"), recipes="detect.fast_rcnn_feature_models",
+        params=("data.train_split", "fast_rcnn.max_side", "fast_rcnn.roi_chunk", "fast_rcnn.scales",
+                "features.compression", "features.precision", "sharding"),
+        inputs=lambda r: {**_split_shard_of_proposals(r), "model_path": layout.fast_rcnn_model(r.recipe)},
+        outputs=lambda r: {"out_path": Output(layout.features_shard(f"{r.recipe}{SVM_SUFFIX}", r.split, r.shard))},
+    ),
+    Stage(
         name="fast_rcnn_detect", help="Fast R-CNN detections on the test split, full and SVD-compressed fc layers",
-        fan_out=("recipe",), recipes="detect.fast_rcnn_models",
+        fan_out=("recipe",), recipes="detect.fast_rcnn_detectors",
         params=("data.test_split", "detect.max_per_class", "detect.nms_iou", "detect.score_threshold",
                 "fast_rcnn.max_side", "fast_rcnn.roi_chunk", "fast_rcnn.scales", "fast_rcnn.svd_ranks", "sharding"),
         inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.test_split),

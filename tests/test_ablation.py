@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bench import ablation
-from bench.ablation import TRAIN_TASKS, VARIANTS, Spread, markdown, row, seed_params, seeded_sections, summarise
+from bench.ablation import TEST_TASKS, TRAIN_TASKS, VARIANTS, Spread, markdown, row, seed_params, seeded_sections, summarise
 from pipeline.project import write_params
 from stages.core import layout, runs
 
@@ -31,7 +31,11 @@ def test_a_fast_rcnn_row_takes_its_test_time_from_the_detection_run_record(tmp_p
 
 
 def test_every_variant_recipe_has_its_training_tasks():
+    import pipeline
+
     assert {recipe for recipe, _ in VARIANTS.values()} <= set(TRAIN_TASKS)
+    families = {task.split(":")[0] for tasks in (*TRAIN_TASKS.values(), *TEST_TASKS.values()) for task in tasks}
+    assert families <= {task.__name__ for task in pipeline.TASKS.values()}  # the runner's keys name Luigi tasks
 
 
 # --- --seeds: K runs per variant, mAP as mean ± sample standard deviation ---------------------------
@@ -104,7 +108,7 @@ def fake_pipeline(calls: list[dict]):
             put(reports / f"map_{recipe}.json", json.dumps({
                 "mAP_voc07": voc07, "mAP_voc2010": voc07 + 0.01, "AP_voc07": {"box": voc07},
                 "AP_voc2010": {"box": voc07 + 0.01}, "num_positives": {"box": 3}}))
-            record_of = layout.detections_file(recipe) if recipe.startswith("fast_rcnn") else layout.svm_model(recipe)
+            record_of = layout.svm_model(recipe) if recipe in TEST_TASKS else layout.detections_file(recipe)
             put(folder / runs.run_file(record_of),
                 json.dumps({"seconds_per_image": 0.25, "classes": {"box": {"seconds": 1.0}}}))
         first_full_run = folder.name == "base" and seed == 0
@@ -129,9 +133,10 @@ def fake_runs(monkeypatch):
 def test_seeds_reach_the_report_as_mean_and_spread_with_every_seed(tmp_path, fake_runs):
     out = tmp_path / "report" / "ablation.md"
     report = ablation.main(["--seeds", "3", "--skip", "Fast R-CNN,", "--skip", "SVD", "--skip", "OHEM",
-                            "--skip", "hard-negative", "--skip", "softmax", "--skip", "float32", "--report", str(out)])
+                            "--skip", "hard-negative", "--skip", "softmax", "--skip", "float32", "--skip", "dropout",
+                            "--report", str(out)])
     variants = ["R-CNN: fine-tuned, SVMs, box regression", "no box regression", "no fine-tuning (ImageNet features)",
-                "SPP-net features", "Fast R-CNN (hierarchical sampling)"]
+                "SPP-net features", "Fast R-CNN (hierarchical sampling)", "Fast R-CNN fc7 + SVMs (post-hoc)"]
     # 3 full runs and 3 x 5 variant runs; training seeds 0, 1, 2, the data's always 0
     assert len(fake_runs) == 3 * (1 + len(variants))
     assert sorted({(c["home"] if c["home"].startswith("seed-") else "seed-0", c["finetune"], c["fast_rcnn"])
@@ -142,6 +147,8 @@ def test_seeds_reach_the_report_as_mean_and_spread_with_every_seed(tmp_path, fak
     assert "| R-CNN: fine-tuned, SVMs, box regression | 92.0 ± 2.0 | 93.0 ± 2.0 | 111.00 | 0.00 | 1.00 | 0.00 |" in lines
     assert "| no box regression | 87.0 ± 2.0 | 88.0 ± 2.0 | 111.00 | 0.00 | 1.00 | 0.00 |" in lines
     assert "| Fast R-CNN (hierarchical sampling) | 102.0 ± 2.0 | 103.0 ± 2.0 | 0.00 | - | - | 0.25 |" in lines
+    # post-hoc SVMs on Fast R-CNN's features: a feature recipe's row, its SVM fitting seconds from the SVM model
+    assert "| Fast R-CNN fc7 + SVMs (post-hoc) | 102.0 ± 2.0 | 103.0 ± 2.0 | 0.00 | 0.00 | 1.00 | 0.00 |" in lines
     assert "| variant | seed +0 | seed +1 | seed +2 |" in lines
     assert "| no box regression | 85.0 / 86.0 | 87.0 / 88.0 | 89.0 / 90.0 |" in lines
     assert "Per-class AP of the full run of seed +0:" in report

@@ -16,6 +16,7 @@ from stages.core.config import (
     ShardingParams,
     as_dict,
     load_config,
+    trained_model,
 )
 from stages.core.errors import PipelineError
 
@@ -247,7 +248,19 @@ def test_recipes_split_into_feature_recipes_and_the_fast_rcnn_models_they_need(t
     path = _modified(tmp_path, "detect", "recipes", ["fast_rcnn_ohem_svd", "rcnn", "fast_rcnn_svd", "fast_rcnn"])
     detect = load_config(path).detect
     assert detect.feature_recipes == ("rcnn",)
-    assert detect.fast_rcnn_models == ("fast_rcnn_ohem", "fast_rcnn")
+    assert detect.fast_rcnn_models == detect.fast_rcnn_detectors == ("fast_rcnn_ohem", "fast_rcnn")
+    assert detect.fast_rcnn_feature_models == ()
+
+
+def test_fast_rcnn_svm_is_a_feature_recipe_cached_from_the_fast_rcnn_model(tmp_path: Path) -> None:
+    assert trained_model("fast_rcnn_svm") == trained_model("fast_rcnn_svd") == "fast_rcnn"
+    assert trained_model("sppnet") == "sppnet"
+    detect = load_config(_modified(tmp_path, "detect", "recipes", ["fast_rcnn_svm", "rcnn"])).detect
+    assert detect.feature_recipes == ("fast_rcnn_svm", "rcnn")
+    assert detect.fast_rcnn_models == detect.fast_rcnn_feature_models == ("fast_rcnn",)  # trained, then cached
+    assert detect.fast_rcnn_detectors == ()  # fast_rcnn_detect has nothing to do
+    detect = load_config(_modified(tmp_path, "detect", "recipes", ["fast_rcnn_svm", "fast_rcnn_svd"])).detect
+    assert detect.fast_rcnn_models == detect.fast_rcnn_detectors == detect.fast_rcnn_feature_models == ("fast_rcnn",)
 
 
 @pytest.mark.parametrize("key, value, error", [

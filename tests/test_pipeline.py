@@ -7,6 +7,7 @@ with Luigi in another, then hand each project to the other orchestrator.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,9 @@ from stages.table import TABLE
 
 # end-to-end runs use one shard (sharding is exercised by test_scale_out)
 SHARDS = (0,)
-FEATURE_RECIPES, FAST_MODELS = ("rcnn", "sppnet"), ("fast_rcnn", "fast_rcnn_ohem")
-RECIPES = (*FEATURE_RECIPES, *FAST_MODELS, "fast_rcnn_svd", "fast_rcnn_ohem_svd")
+FEATURE_RECIPES, FAST_MODELS = ("rcnn", "sppnet", "fast_rcnn_svm"), ("fast_rcnn", "fast_rcnn_ohem")
+FAST_RECIPES = (*FAST_MODELS, "fast_rcnn_svd", "fast_rcnn_ohem_svd")
+RECIPES = (*FEATURE_RECIPES, *FAST_RECIPES)  # every recipe
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,9 @@ def test_dvc_expands_the_table_as_the_luigi_tasks_do(repo_config):
 
 
 def test_code_deps_are_the_import_closure_of_the_stage_and_the_binding():
-    stages = dvc_yaml.generate(load_config(REPO / "params.yaml"))
+    cfg = load_config(REPO / "params.yaml")
+    every_recipe = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, recipes=RECIPES))
+    stages = dvc_yaml.generate(every_recipe)  # every stage has an instance
     for stage in TABLE:
         files = {str(p.relative_to(REPO)) for p in code_files(stage.module) + code_files("core.stage")}
         assert f"stages/{stage.module}.py" in files and "stages/core/stage.py" in files
@@ -117,6 +121,7 @@ def test_dvc_yaml_spells_out_the_recipes_and_a_stale_one_stops_every_stage_comma
     assert stages["svm"]["matrix"]["recipe"] == ["rcnn"]  # feature recipes only
     assert stages["fast_rcnn_train"]["matrix"]["recipe"] == ["fast_rcnn"]  # the model the SVD recipe compresses
     assert stages["evaluate"]["matrix"]["recipe"] == "${detect.recipes}"
+    assert "fast_rcnn_recache" not in stages  # only a feature recipe of a Fast R-CNN model needs it
     params["detect"]["recipes"] = ["fast_rcnn"]
     write_params(folder, params)
     assert "svm" not in yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]  # no instance: left out
@@ -126,6 +131,35 @@ def test_dvc_yaml_spells_out_the_recipes_and_a_stale_one_stops_every_stage_comma
         dvc_yaml.check_recipes(load_config(folder / "params.yaml"), folder / "dvc.yaml")
     result = run_to_end(["python", "-m", "stages", "coco_gt"], folder)
     assert result.returncode == 1 and "run `make dvc.yaml`" in result.stderr
+
+
+def test_fast_rcnn_svm_runs_the_post_hoc_stages_on_the_trained_fast_rcnn_models_features(tmp_path, monkeypatch):
+    from dvc.repo import Repo
+
+    params = tiny_params()
+    params["detect"]["recipes"] = ["fast_rcnn_svm"]
+    folder = project_copy(tmp_path / "p", params)
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    assert stages["fast_rcnn_train"]["matrix"]["recipe"] == ["fast_rcnn"]
+    assert stages["fast_rcnn_recache"]["matrix"]["recipe"] == ["fast_rcnn"]
+    assert stages["svm"]["matrix"]["recipe"] == stages["detect"]["matrix"]["recipe"] == ["fast_rcnn_svm"]
+    assert "fast_rcnn_detect" not in stages  # the softmax detections are recipe fast_rcnn's
+    monkeypatch.chdir(folder)
+    with Repo(str(folder)) as repo:
+        outs = {s.addressing: [str(o.def_path) for o in s.outs] for s in repo.index.stages}
+    assert outs["fast_rcnn_recache@fast_rcnn-test-1"] == ["features_cache/features/fast_rcnn_svm/test/shard-1.h5"]
+    pipeline.config.cache_clear()
+    pipeline._outputs_by_instance.cache_clear()
+    try:  # Luigi's tasks of this project's params
+        required = {task.address: sorted(t.address for t in task.requires()) for task in pipeline.RunAll().requires()}
+    finally:
+        pipeline.config.cache_clear()
+        pipeline._outputs_by_instance.cache_clear()
+    assert "fast_rcnn_train@fast_rcnn" in required["fast_rcnn_recache@fast_rcnn-trainval-0"]
+    assert required["svm@fast_rcnn_svm"] == [f"fast_rcnn_recache@fast_rcnn-trainval-{k}" for k in (0, 1)]
+    assert required["detect@fast_rcnn_svm"] == sorted(
+        ["bbox@fast_rcnn_svm", "svm@fast_rcnn_svm", *(f"fast_rcnn_recache@fast_rcnn-test-{k}" for k in (0, 1))])
+    assert "detect@fast_rcnn_svm" in required["evaluate@fast_rcnn_svm"]
 
 
 def test_the_cli_has_one_command_per_stage():
@@ -170,6 +204,7 @@ ALL = sorted(["synthetic", "index", "recall", "finetune", "spp_finetune", "coco_
                 for s in ("trainval", "test") for k in SHARDS),
               *(f"{name}@{r}" for name in ("svm", "bbox", "detect") for r in FEATURE_RECIPES),
               *(f"{name}@{m}" for name in ("fast_rcnn_train", "fast_rcnn_detect") for m in FAST_MODELS),
+              *(f"fast_rcnn_recache@fast_rcnn-{s}-{k}" for s in ("trainval", "test") for k in SHARDS),
               *(f"evaluate@{r}" for r in RECIPES)])
 
 
@@ -197,10 +232,10 @@ def swap(projects: tuple[Path, Path]) -> tuple[list[str], list[str]]:
 def test_both_orchestrators_write_identical_artifacts(projects):
     dvc_dir, luigi_dir = projects
     dvc_artifacts = artifacts(dvc_dir)
-    # 2 index files, per split and shard proposals, R-CNN features, SPP pyramids and SPP-net features,
-    # per feature recipe an SVM and a box regressor, per recipe detections (.h5 and .json), mAP and PR curve;
-    # 4 models and 4 curves (finetune, SPP-net, 2 Fast R-CNN), recall, the COCO ground truth
-    assert len(dvc_artifacts) == 2 + 4 * 2 * len(SHARDS) + 2 * 2 + 6 * 4 + 8 + 1 + 1
+    # 2 index files, per split and shard proposals, R-CNN features, SPP pyramids, SPP-net and Fast R-CNN
+    # features, per feature recipe an SVM and a box regressor, per recipe detections (.h5 and .json), mAP and
+    # PR curve; 4 models and 4 curves (finetune, SPP-net, 2 Fast R-CNN), recall, the COCO ground truth
+    assert len(dvc_artifacts) == 2 + 5 * 2 * len(SHARDS) + 3 * 2 + 7 * 4 + 8 + 1 + 1
     assert dvc_artifacts == artifacts(luigi_dir)
     for recipe in RECIPES:
         mean_ap = json.loads((dvc_dir / layout.map_metrics(recipe)).read_text())
@@ -209,8 +244,11 @@ def test_both_orchestrators_write_identical_artifacts(projects):
     assert "recall@0.5" in sh(dvc_dir, "dvc", "metrics", "show")
     assert "bbox_pred.weight" in sh(dvc_dir, "python", "-m", "stages", "inspect", "features_cache/fast_rcnn/fast_rcnn.pt")
     image = json.loads((dvc_dir / layout.coco_ground_truth("test")).read_text())["images"][0]["image_name"]
-    shown = sh(dvc_dir, "python", "-m", "stages", "show", "--image", image, "--recipe", "fast_rcnn_svd")
-    assert (dvc_dir / shown.split("wrote ")[1].strip()).is_file()
+    for recipe in ("fast_rcnn_svd", "fast_rcnn_svm"):
+        shown = sh(dvc_dir, "python", "-m", "stages", "show", "--image", image, "--recipe", recipe)
+        assert (dvc_dir / shown.split("wrote ")[1].strip()).is_file()
+    assert "recipe = fast_rcnn_svm" in sh(dvc_dir, "python", "-m", "stages", "inspect",
+                                          "features_cache/features/fast_rcnn_svm/test/shard-0.h5")
     assert (dvc_dir / "features_cache" / "runs" / "proposals" / "test" / "shard-0.h5.json").is_file()
 
 
@@ -231,7 +269,7 @@ def test_a_parameter_change_reruns_exactly_its_dependents_under_either(projects)
     params["fast_rcnn"]["svd_ranks"] = [12, 6]  # test time only: no Fast R-CNN model is trained again
     for folder in projects:
         write_params(folder, params)
-    expected = sorted([*(f"fast_rcnn_detect@{m}" for m in FAST_MODELS), *(f"evaluate@{r}" for r in RECIPES[2:])])
+    expected = sorted([*(f"fast_rcnn_detect@{m}" for m in FAST_MODELS), *(f"evaluate@{r}" for r in FAST_RECIPES)])
     assert swap(projects) == (expected, expected)
     assert swap(projects) == ([], [])
     assert artifacts(projects[0]) == artifacts(projects[1])

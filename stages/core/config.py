@@ -23,17 +23,21 @@ PARAMS_FILE = Path("params.yaml")
 # Every recipe the evaluate stage can score. Feature recipes go through the post-hoc stages (svm, bbox,
 # detect); Fast R-CNN recipes through fast_rcnn_train and fast_rcnn_detect, one trained model per sampler
 # (fast_rcnn: hierarchical sampling, fast_rcnn_ohem: OHEM) and the "_svd" recipes are the same model with
-# its fc layers compressed by truncated SVD at test time.
-Recipe = Literal["rcnn", "sppnet", "fast_rcnn", "fast_rcnn_ohem", "fast_rcnn_svd", "fast_rcnn_ohem_svd"]
+# its fc layers compressed by truncated SVD at test time. fast_rcnn_svm is a feature recipe whose cache
+# holds the trained fast_rcnn model's own features (stage fast_rcnn_recache): post-hoc SVMs on its fc7.
+Recipe = Literal["rcnn", "sppnet", "fast_rcnn", "fast_rcnn_ohem", "fast_rcnn_svd", "fast_rcnn_ohem_svd",
+                 "fast_rcnn_svm"]
 RECIPES: tuple[str, ...] = typing.get_args(Recipe)
-FEATURE_RECIPES = ("rcnn", "sppnet")
+FEATURE_RECIPES = ("rcnn", "sppnet", "fast_rcnn_svm")
 FAST_RCNN_MODELS = {"fast_rcnn": "heuristic", "fast_rcnn_ohem": "ohem"}  # trained model -> its sampler
 SVD_SUFFIX = "_svd"
+SVM_SUFFIX = "_svm"  # a feature recipe cached from a trained Fast R-CNN model: "<model>_svm"
 
 
 def trained_model(recipe: str) -> str:
-    """The trained Fast R-CNN model a Fast R-CNN recipe detects with: ``fast_rcnn_svd`` -> ``fast_rcnn``."""
-    return recipe.removesuffix(SVD_SUFFIX)
+    """The trained Fast R-CNN model a recipe detects with or is cached from: ``fast_rcnn_svd``, ``fast_rcnn_svm``
+    -> ``fast_rcnn``; any other recipe is returned unchanged."""
+    return recipe.removesuffix(SVD_SUFFIX).removesuffix(SVM_SUFFIX)
 
 
 class ConfigError(PipelineError, ValueError):
@@ -286,8 +290,10 @@ class DetectParams:
 
     ``recipes`` lists the recipes that get detections and an evaluation each
     (:data:`RECIPES`); ``scorer`` picks, for the feature recipes, the SVM
-    scores or the fine-tuned network's softmax probabilities. NMS, the cap and
-    the score threshold apply to every recipe.
+    scores or the cached network's softmax probabilities, and
+    ``box_regression`` their ridge box regressors (for ``fast_rcnn_svm`` too:
+    the regressors trained on its cached pool features, never the model's own
+    ``bbox_pred``). NMS, the cap and the score threshold apply to every recipe.
     """
 
     recipes: tuple[Recipe, ...]
@@ -310,8 +316,24 @@ class DetectParams:
 
     @property
     def fast_rcnn_models(self) -> tuple[str, ...]:
-        """The Fast R-CNN models the recipes need trained and run (an ``_svd`` recipe needs its uncompressed model)."""
-        return tuple(dict.fromkeys(trained_model(r) for r in self.recipes if trained_model(r) in FAST_RCNN_MODELS))
+        """The Fast R-CNN models the recipes need trained (an ``_svd`` or ``_svm`` recipe needs its model)."""
+        return _models_of(self.recipes)
+
+    @property
+    def fast_rcnn_detectors(self) -> tuple[str, ...]:
+        """The Fast R-CNN models that detect (``fast_rcnn_detect``): those of the recipes that are no feature recipe."""
+        return _models_of(r for r in self.recipes if r not in FEATURE_RECIPES)
+
+    @property
+    def fast_rcnn_feature_models(self) -> tuple[str, ...]:
+        """The Fast R-CNN models whose features a feature recipe caches (``fast_rcnn_recache``): ``fast_rcnn_svm``
+        -> ``fast_rcnn``."""
+        return _models_of(self.feature_recipes)
+
+
+def _models_of(recipes: typing.Iterable[str]) -> tuple[str, ...]:
+    """The distinct trained Fast R-CNN models of ``recipes``, in order of first use."""
+    return tuple(dict.fromkeys(trained_model(r) for r in recipes if trained_model(r) in FAST_RCNN_MODELS))
 
 
 FAST_RCNN_TEST_KEYS = ("svd_ranks",)  # read at test time only: changing them never retrains a Fast R-CNN model

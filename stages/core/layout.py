@@ -46,7 +46,8 @@ def recall_curve(split: str) -> Path:
 
 
 # --- feature caches and the post-hoc stages --------------------------------------------------
-# A feature recipe: rcnn (per-region forward passes) or sppnet (pyramid pooling).
+# A feature recipe: rcnn (per-region forward passes), sppnet (pyramid pooling) or fast_rcnn_svm (a trained
+# Fast R-CNN model's RoI-pooled and fc7 features).
 FEATURES = CACHE / "features"
 SPP = CACHE / "spp"
 SPP_HEAD = SPP / "head.pt"
@@ -58,7 +59,7 @@ COCO = CACHE / "coco"
 
 
 def features_dir(recipe: str, split: str) -> Path:
-    """Shards of a recipe's feature cache: rows boxes, gt_label, iou, fc, scores (and pool for rcnn)."""
+    """Shards of a recipe's feature cache: rows boxes, gt_label, iou, pool, fc, scores."""
     return FEATURES / recipe / split
 
 

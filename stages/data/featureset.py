@@ -1,6 +1,6 @@
 """Feature caches: the rows every feature stage writes, and the one reader every later stage uses.
 
-A feature shard (stages ``features``, ``spp_features``, ``spp_recache``) is a
+A feature shard (stages ``features``, ``spp_features``, ``spp_recache``, ``fast_rcnn_recache``) is a
 per-image artifact (:mod:`stages.core.store`) covering exactly the images of the
 proposal shard with the same number, with these row datasets:
 
@@ -10,7 +10,8 @@ proposal shard with the same number, with these row datasets:
 ``gt_label``   ``(M,) int32``       class number of a ground-truth row, -1 for a proposal
 ``iou``        ``(M, C) float32``   each box's best IoU with the image's ground truth of each of
                                     the ``C`` classes (0 where the image has none of that class)
-``pool``       ``(M, Dp)``          pool-level feature (R-CNN pool5 analogue, or the SPP pyramid)
+``pool``       ``(M, Dp)``          pool-level feature (R-CNN pool5 analogue, the SPP pyramid, or
+                                    Fast R-CNN's RoI-pooled conv features)
 ``fc``         ``(M, Df)``          fc-level feature (R-CNN fc7 analogue), read by the SVMs
 ``scores``     ``(M, C + 1) f32``   the network's softmax probabilities, column 0 = background
 =============  ===================  ===============================================================
@@ -26,7 +27,9 @@ Each recipe's cache is one self-contained folder, ``features/<recipe>/<split>/``
 so every post-hoc stage depends on exactly one folder per split. For
 ``sppnet`` that folder is written by the re-caching stage: its ``pool`` is a copy
 of the pyramid of ``spp/<split>/`` and its ``fc`` and ``scores`` come from the
-fine-tuned fully connected layers.
+fine-tuned fully connected layers. For ``fast_rcnn_svm`` it is written by
+``fast_rcnn_recache`` from one conv pass of the trained ``fast_rcnn`` model per
+image: ``pool`` its RoI pooling, ``fc`` its fc7, ``scores`` its softmax.
 
 Every stage that multiplies cached features by one constant, so that their
 mean L2 norm is a target (the SVMs' fc, the box regressors' pool, SPP-net's

@@ -15,20 +15,32 @@ units with dropout: EfficientNet-Lite0 and ResNet have no pre-trained hidden
 fc layers to reuse, and two thin fc layers keep the per-RoI cost far below a
 conv pass (what makes test time fast). The box deltas are trained on
 normalised targets; :meth:`FastRcnn.detect` un-normalises them.
+
+Test time (``fast_rcnn_detect``, and ``fast_rcnn_recache``, which caches the
+same pass's features for post-hoc SVMs) decodes each image resized for one
+conv pass (:func:`resized_images`), runs :func:`conv_pass`, and feeds the
+image's boxes as :func:`image_rois` through the head.
 """
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, roi_align, roi_pool
 
+from stages.core.device import autocast
 from stages.core.store import ArtifactError
+from stages.data.images import load_image, prefetch, resize
 from stages.models.backbones import build_backbone
+from stages.ops.boxes import as_boxes
+from stages.ops.spp import image_scales
 from stages.ops.svd import truncated_svd
 
 FC6, FC7 = 0, 3  # positions of the two linear layers in FastRcnn.fc
@@ -121,6 +133,13 @@ class FastRcnn(nn.Module):
         features = self.fc(self.pool(conv, rois))
         return self.cls_score(features), self.bbox_pred(features).view(len(rois), self.num_classes + 1, 4)
 
+    def region_features(self, conv: Tensor, rois: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(R, C * p * p)`` RoI-pooled features, ``(R, hidden)`` fc7 after its ReLU and ``(R, K + 1)`` float32
+        softmax probabilities of ``(R, 5)`` RoIs on ``conv`` (eval mode: no dropout)."""
+        pooled = self.pool(conv, rois)
+        hidden = self.fc(pooled)
+        return pooled, hidden, torch.softmax(self.cls_score(hidden).float(), dim=1)
+
     def detect(self, conv: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """``(R, K + 1)`` float32 softmax probabilities and ``(R, K + 1, 4)`` un-normalised deltas (eval mode)."""
         logits, deltas = self.heads(conv, rois)
@@ -132,6 +151,39 @@ class FastRcnn(nn.Module):
         for position, rank in zip((FC6, FC7), ranks):
             copied.fc[position] = truncated_svd(self.fc[position], rank)
         return copied.eval()
+
+
+# --- test time: one conv pass of the whole image -------------------------------------------------
+
+
+def resized_image(path: str, scale: int, max_side: int, pin: bool) -> tuple[Tensor, float]:
+    """Decode an image and resize it for the conv pass: ``(h, w, 3)`` uint8 tensor (pinned if ``pin``), factor."""
+    image = load_image(path)
+    factor = image_scales(image.shape[1], image.shape[0], [scale], max_side)[0]
+    tensor = torch.from_numpy(resize(image, factor))
+    return (tensor.pin_memory() if pin else tensor), factor
+
+
+def resized_images(
+    paths: list[str], scale: int, max_side: int, device: torch.device, num_workers: int
+) -> Iterator[tuple[Tensor, float]]:
+    """:func:`resized_image` of each of ``paths`` (shorter side ``scale``, longer at most ``max_side``; pinned on
+    CUDA), decoded ahead by ``num_workers`` threads (0 = one per core)."""
+    decode = partial(resized_image, scale=scale, max_side=max_side, pin=device.type == "cuda")
+    return prefetch(decode, paths, max(1, num_workers or os.cpu_count() or 1))
+
+
+def conv_pass(model: FastRcnn, image: Tensor, device: torch.device) -> Tensor:
+    """``(h, w, 3)`` uint8 image -> its ``(1, C, H, W)`` conv map on ``device`` (autocast dtype on CUDA)."""
+    with autocast(device):
+        return model.conv(image.to(device, non_blocking=True)[None])
+
+
+def image_rois(boxes: np.ndarray, factor: float) -> Tensor:
+    """``(M, 4)`` boxes in image pixels -> ``(M, 5)`` float32 RoIs ``0, x1, y1, x2, y2`` of the image resized by
+    ``factor`` (the only image of its conv map)."""
+    boxes = as_boxes(boxes)
+    return torch.from_numpy(np.concatenate([np.zeros((len(boxes), 1), np.float32), boxes * factor], 1))
 
 
 def model_file(model: FastRcnn, classes: list[str], learn_from: int) -> dict:
