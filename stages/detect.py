@@ -38,29 +38,23 @@ Outputs, over every image including those without detections:
 """
 from __future__ import annotations
 
-import json
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
-from torchvision.ops import nms
 from tqdm import tqdm
 
 from stages.core import runs
-from stages.core.atomic import atomic_path
 from stages.core.config import DetectParams, as_dict
 from stages.core.provenance import code_version, file_digest
-from stages.core.store import ArtifactError, RowSpec, create_per_image
-from stages.data import coco
+from stages.core.store import ArtifactError
+from stages.data.detections import DetectionWriter, suppress
 from stages.data.featureset import FeatureSet
 from stages.models.box_regressor import BoxRegressor, load_bbox
 from stages.models.svm import SvmModel, load_svm
-from stages.ops.boxes import as_boxes, clip_boxes
+from stages.ops.boxes import as_boxes
 
-ROWS = {"boxes": RowSpec((4,), np.float32), "scores": RowSpec((), np.float32), "labels": RowSpec((), np.int32)}
 
 
 def check_classes(path: Path, classes: list[str], expected: list[str]) -> None:
@@ -77,20 +71,6 @@ def check_softmax(features: FeatureSet) -> None:
             f"{features.paths[0].parent}: features of the ImageNet network (features.model: imagenet) have no "
             "detection softmax; use detect.scorer: svm"
         )
-
-
-def select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, params: DetectParams) -> np.ndarray:
-    """Indices kept by per-class greedy NMS and the per-class cap, ordered by class then decreasing score.
-
-    ``boxes (K, 4)``, ``scores (K,)``, ``labels (K,)``: candidates of one image.
-    """
-    kept = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        class_boxes, class_scores = as_boxes(boxes[members]), np.ascontiguousarray(scores[members], np.float32)
-        order = nms(torch.from_numpy(class_boxes), torch.from_numpy(class_scores), params.nms_iou).numpy()
-        kept.append(members[order[:params.max_per_class]])
-    return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
 def detect_image(
@@ -113,21 +93,6 @@ def detect_image(
             members = np.flatnonzero(labels == c)
             candidates[members] = regressor.predict(int(c), pool[rows[members]], candidates[members])
     return suppress(candidates, scores[rows, labels], labels, size, params)
-
-
-def suppress(
-    candidates: np.ndarray, scores: np.ndarray, labels: np.ndarray, size: tuple[int, int], params: DetectParams
-) -> dict[str, np.ndarray]:
-    """Every recipe's last step: clip ``(K, 4)`` candidate boxes to the image, drop empty ones, per-class NMS and cap.
-
-    ``scores (K,)`` and ``labels (K,)`` (0-based classes) go with the
-    candidates, already above ``score_threshold``; ``size`` is ``(width, height)``.
-    """
-    candidates = clip_boxes(as_boxes(candidates), *size)
-    nonempty = (candidates[:, 2] > candidates[:, 0]) & (candidates[:, 3] > candidates[:, 1])
-    candidates, scores, labels = candidates[nonempty], scores[nonempty].astype(np.float32), labels[nonempty]
-    keep = select(candidates, scores, labels, params)
-    return {"boxes": candidates[keep], "scores": scores[keep], "labels": labels[keep].astype(np.int32)}
 
 
 def image_scores(features: FeatureSet, i: int, proposals: np.ndarray, svm: SvmModel | None) -> np.ndarray:
@@ -171,40 +136,6 @@ def detect_split(
         size = (int(features.value("widths", i)), int(features.value("heights", i)))
         boxes = features.rows("boxes", i)[proposals]
         yield features.image_ids[i], detect_image(boxes, scores, pool, regressor, size, params)
-
-
-class DetectionWriter:
-    """Writes one recipe's detections, image by image: the per-image HDF5 file and the COCO results JSON.
-
-    Both are written atomically when the block ends without an error; the
-    JSON is streamed, so memory does not grow with the split.
-    """
-
-    def __init__(self, out_path: Path, coco_path: Path, attrs: dict, classes: list[str]) -> None:
-        self.paths, self.attrs, self.classes = (out_path, coco_path), attrs, classes
-        self.total = 0
-        self._stack = ExitStack()
-
-    def __enter__(self) -> "DetectionWriter":
-        out_path, coco_path = self.paths
-        coco_tmp = self._stack.enter_context(atomic_path(coco_path, ".json"))
-        self._results = self._stack.enter_context(open(coco_tmp, "w"))
-        self._writer = self._stack.enter_context(create_per_image(out_path, ROWS, self.attrs))
-        self._results.write("[")
-        self._position = 0
-        return self
-
-    def append(self, image_id: str, detections: dict[str, np.ndarray]) -> None:
-        self._writer.append(image_id, detections)
-        for entry in coco.result_entries(self._position, image_id, detections, self.classes):
-            self._results.write(("\n" if self.total == 0 else ",\n") + json.dumps(entry))
-            self.total += 1
-        self._position += 1
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            self._results.write("\n]\n")
-        self._stack.__exit__(*exc)
 
 
 def run(

@@ -6,7 +6,7 @@ at most ``fast_rcnn.max_side``; every selective-search proposal of the image
 (all shards) through the RoI head, ``fast_rcnn.roi_chunk`` at a time; for each
 class its softmax probability and its own regressed box
 (:func:`stages.ops.boxes.decode_boxes` of that class's deltas); then the
-project's last step for every recipe (:func:`stages.detect.suppress`: the
+project's last step for every recipe (:func:`stages.data.detections.suppress`: the
 ``detect`` score threshold, clipping, per-class NMS and cap).
 
 The same conv map also goes through a copy of the head whose fc6 and fc7 are
@@ -16,7 +16,7 @@ compression), written as recipe ``<model>_svd``: the two heads are timed
 side by side on the same maps.
 
 Outputs: the detections of both heads in the ``detect`` stage's format
-(:class:`stages.detect.DetectionWriter`: per-image HDF5 and COCO results
+(:class:`stages.data.detections.DetectionWriter`: per-image HDF5 and COCO results
 JSON), with provenance; the run records (:mod:`stages.core.runs`) hold the
 seconds per image of the conv pass, of each head and of the whole detection.
 """
@@ -35,7 +35,7 @@ from stages.core.device import autocast, pick_device
 from stages.core.layout import index_file, proposals_dir
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, PerImageReader
-from stages.detect import DetectionWriter, suppress
+from stages.data.detections import DetectionWriter, suppress
 from stages.models.fast_rcnn import FastRcnn, conv_pass, image_rois, load_fast_rcnn, resized_images
 from stages.ops.boxes import as_boxes, decode_boxes
 

@@ -118,9 +118,11 @@ class FastRcnn(nn.Module):
 
         :func:`roi_pool` takes inclusive pixel corners (the reference
         implementation's), so ``x2, y2`` are passed as ``x2 - 1, y2 - 1``;
-        :func:`roi_align` (``aligned=True``) takes continuous ones.
+        :func:`roi_align` (``aligned=True``) takes continuous ones. Both pool in
+        float32: under autocast the map may be bfloat16, whose 8-bit mantissa
+        would round RoI corners near 500 px to 4 px.
         """
-        rois = rois.to(conv.dtype)
+        conv, rois = conv.float(), rois.float()
         if self.pooling == "roi_align":
             pooled = roi_align(conv, rois, self.pool_size, 1 / self.stride, sampling_ratio=2, aligned=True)
         else:
