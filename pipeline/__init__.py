@@ -22,6 +22,7 @@ import luigi
 
 from pipeline.record import DvcRecord
 from stages.core.config import RECIPES, Config, load_config
+from stages.core.errors import PipelineError
 from stages.core.stage import Refs, Stage, address, call, instances
 from stages.table import TABLE
 
@@ -97,6 +98,26 @@ def producers_of(paths: list[Path]) -> list[tuple[Stage, dict[str, Any]]]:
     """The stage instances whose outputs are, contain, or lie inside one of ``paths``."""
     return [(stage, item) for stage, item, outputs in _outputs_by_instance()
             if any(_overlap(p, o) for p in paths for o in outputs)]
+
+
+def stale_upstream(paths: list[Path]) -> list[str]:
+    """The stage instances that write ``paths`` or anything they are computed from and that the record does
+    not find current (changed params, code or inputs, or a missing output), upstream first. A path that no
+    stage of the table writes under ``params.yaml`` is a :class:`PipelineError`."""
+    cfg = config()
+    for path in paths:
+        if not producers_of([path]):
+            raise PipelineError(f"{path}: no stage writes it under params.yaml (is its recipe in detect.recipes? "
+                                "add it, then make dvc.yaml and dvc repro)")
+    upstream: set[str] = set()
+    todo = producers_of(paths)
+    while todo:
+        stage, item = todo.pop()
+        if address(stage, item) not in upstream:
+            upstream.add(address(stage, item))
+            todo += producers_of([Path(p) for p in stage.inputs(Refs.of(cfg, item)).values()])
+    order = [address(stage, item) for stage, item in instances(TABLE, cfg)]
+    return [name for name in order if name in upstream and not RECORD.is_current(name)]
 
 
 def _task_class(stage: Stage) -> type[StageTask]:

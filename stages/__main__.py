@@ -3,8 +3,8 @@
 One command per entry of the stage table (:mod:`stages.table`), with an option
 per dimension the stage fans out over (``--split``, ``--shard``, ``--recipe``);
 each reads ``params.yaml`` once and calls the stage's ``run`` as the Luigi
-tasks do (:func:`stages.core.stage.call`). Plus two tools: ``inspect`` and
-``show``.
+tasks do (:func:`stages.core.stage.call`). Plus three tools: ``inspect``,
+``show`` and ``predict``.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stages.core.config import PARAMS_FILE, RECIPES, Config, load_config
 from stages.core.errors import PipelineError
+from stages.core.layout import CACHE
 from stages.core.stage import Stage, call
 from stages.table import TABLE
 
@@ -48,6 +49,24 @@ def _show(cfg: Config, args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _predict(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline import address, producers_of, stale_upstream
+    from stages.tools import predict
+
+    models = predict.model_files(cfg, args.recipe)
+    stale = stale_upstream(models)
+    if stale:
+        stages = " ".join(dict.fromkeys(address(s, item) for s, item in producers_of(models)))
+        raise PipelineError(f"recipe {args.recipe}: the models it needs are missing or out of date (stale stage "
+                            f"instances: {', '.join(stale)}); run `dvc repro {stages}` (or the whole pipeline: "
+                            "`make run`) first")
+    out = args.out or CACHE / "predict" / args.recipe
+    min_score = cfg.evaluate.gallery_score if args.min_score is None else args.min_score
+    counts = predict.run(cfg, args.recipe, args.images, out, min_score)
+    print(f"wrote {out}: {counts['detections']} detections in {counts['images']} images "
+          f"({counts['without_proposals']} without proposals)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: params.yaml)")
@@ -68,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=RECIPES, help="draw this recipe's detections instead of proposals")
     p.add_argument("--min-score", type=float, help="with --recipe: lowest score drawn (default: evaluate.gallery_score)")
     p.set_defaults(func=_show)
+    p = commands.add_parser("predict", help="detect objects in new images with a trained recipe")
+    p.add_argument("--recipe", choices=RECIPES, required=True, help="a recipe the pipeline trained")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files, or folders searched recursively for images")
+    p.add_argument("--out", type=Path, help="output folder (default: features_cache/predict/<recipe>/)")
+    p.add_argument("--min-score", type=float, help="lowest score drawn in the PNGs (default: "
+                   "evaluate.gallery_score); the JSON holds every detection")
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -95,31 +95,35 @@ def detect_image(
     return suppress(candidates, scores[rows, labels], labels, size, params)
 
 
-def image_scores(features: FeatureSet, i: int, proposals: np.ndarray, svm: SvmModel | None) -> np.ndarray:
-    """``(M, C)`` class scores of image ``i``'s proposal rows: SVM scores of ``fc``, or the cached softmax."""
-    if svm is not None:
-        return svm.scores(features.rows("fc", i)[proposals])
-    return features.rows("scores", i)[proposals, 1:]
+def detect_regions(
+    read: Callable[[str], np.ndarray], svm: SvmModel | None, regressor: BoxRegressor | None,
+    size: tuple[int, int], params: DetectParams,
+) -> dict[str, np.ndarray]:
+    """One image's detections from its proposals' feature rows: ``read(name)`` gives rows ``boxes``, ``fc``
+    (scored by the SVMs), ``scores`` (the softmax, without SVMs) and ``pool`` (box regression), each read only
+    when needed (:func:`detect_image`)."""
+    scores = svm.scores(read("fc")) if svm is not None else read("scores")[:, 1:]
+    reads_pool = regressor is not None and bool((scores >= params.score_threshold).any())
+    return detect_image(read("boxes"), scores, read("pool") if reads_pool else None, regressor, size, params)
 
 
 def load_models(
-    params: DetectParams, features: FeatureSet, svm_path: Path, bbox_path: Path
+    params: DetectParams, classes: list[str], pool_dim: int, svm_path: Path, bbox_path: Path
 ) -> tuple[SvmModel | None, BoxRegressor | None, dict[str, str]]:
-    """The SVMs (scorer svm) and box regressors (box_regression) the parameters ask for, and their digests."""
+    """The SVMs (scorer svm) and box regressors (box_regression) the parameters ask for, checked against the
+    features they will read (``classes``, ``pool_dim`` columns of ``pool``), and their digests."""
     svm = regressor = None
     inputs = {}
     if params.scorer == "svm":
         svm = load_svm(svm_path)
-        check_classes(svm_path, svm.classes, features.classes)
+        check_classes(svm_path, svm.classes, classes)
         inputs[str(svm_path)] = file_digest(svm_path)
-    else:
-        check_softmax(features)
     if params.box_regression:
         regressor = load_bbox(bbox_path)
-        check_classes(bbox_path, regressor.classes, features.classes)
-        if regressor.weights.shape[1] != features.dim("pool"):
+        check_classes(bbox_path, regressor.classes, classes)
+        if regressor.weights.shape[1] != pool_dim:
             raise ArtifactError(f"{bbox_path}: regressors of pool dimension {regressor.weights.shape[1]}, but the "
-                                f"feature cache's is {features.dim('pool')} (stale model; rerun the bbox stage)")
+                                f"features' is {pool_dim} (stale model; rerun the bbox stage)")
         inputs[str(bbox_path)] = file_digest(bbox_path)
     return svm, regressor, inputs
 
@@ -130,12 +134,9 @@ def detect_split(
     """``(image_id, detections)`` of every image of ``features``, in order (:func:`detect_image`)."""
     for i in tqdm(range(len(features)), desc=f"detect {features.recipe}", unit="image"):
         proposals = np.flatnonzero(features.rows("gt_label", i) < 0)
-        scores = image_scores(features, i, proposals, svm)
-        reads_pool = regressor is not None and bool((scores >= params.score_threshold).any())
-        pool = features.rows("pool", i)[proposals] if reads_pool else None
         size = (int(features.value("widths", i)), int(features.value("heights", i)))
-        boxes = features.rows("boxes", i)[proposals]
-        yield features.image_ids[i], detect_image(boxes, scores, pool, regressor, size, params)
+        yield features.image_ids[i], detect_regions(lambda name: features.rows(name, i)[proposals], svm, regressor,
+                                                    size, params)
 
 
 def run(
@@ -151,7 +152,9 @@ def run(
     """Detect objects in every image of ``test_split``'s ``recipe`` feature cache; write the detections."""
     with FeatureSet(recipe, test_split, num_shards) as features:
         classes = features.classes
-        svm, regressor, model_inputs = load_models(params, features, svm_path, bbox_path)
+        if params.scorer == "softmax":
+            check_softmax(features)
+        svm, regressor, model_inputs = load_models(params, classes, features.dim("pool"), svm_path, bbox_path)
         attrs = {
             "stage": "detect", "classes": classes, "recipe": recipe, "split": test_split,
             "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"}},

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from helpers import REPO, artifacts, project_copy, run_to_end, sh, tiny_params, write_params
@@ -23,6 +25,7 @@ from stages.core import layout
 from stages.core.config import load_config
 from stages.core.provenance import code_files
 from stages.core.stage import RUNTIME, Refs, address, bindings, instances
+from stages.core.store import PerImageReader
 from stages.table import TABLE
 
 # end-to-end runs use one shard (sharding is exercised by test_scale_out)
@@ -166,7 +169,7 @@ def test_the_cli_has_one_command_per_stage():
     from stages.__main__ import _parser
 
     commands = _parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {stage.name for stage in TABLE} | {"inspect", "show"}
+    assert set(commands) == {stage.name for stage in TABLE} | {"inspect", "show", "predict"}
     args = _parser().parse_args(["proposals", "--split", "test", "--shard", "1"])
     assert (args.split, args.shard) == ("test", 1)
 
@@ -256,6 +259,56 @@ def test_both_orchestrators_write_identical_artifacts(projects):
 def test_each_orchestrator_finds_the_others_work_complete(projects):
     assert swap(projects) == ([], [])
     assert all(dvc_clean(folder) for folder in projects)
+
+
+def predicted(folder: Path, recipe: str, images: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """``python -m stages predict --recipe recipe`` on copies of the dataset's ``images`` (outside the
+    dataset): each image's detections, as rows ``boxes``, ``scores``, ``labels``."""
+    sh(folder, "python", "-m", "stages", "predict", "--recipe", recipe, "new", "--out", f"predicted/{recipe}")
+    results = json.loads((folder / "predicted" / recipe / "detections.json").read_text())
+    found = {}
+    for position, name in enumerate(images):
+        mine = [r for r in results if r["image_id"] == position + 1]
+        assert all(r["image_name"] == f"new/{name}.jpg" for r in mine)
+        found[name] = {"boxes": np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)],
+                                         np.float32).reshape(-1, 4),
+                       "scores": np.array([r["score"] for r in mine], np.float32),
+                       "labels": np.array([r["category_id"] - 1 for r in mine], np.int32)}
+        assert (folder / "predicted" / recipe / f"{name}.png").is_file()
+    return found
+
+
+@pytest.mark.slow
+def test_predict_on_new_images_gives_every_recipe_the_test_runs_detections(projects):
+    dvc_dir = projects[0]
+    images = (dvc_dir / "features_cache/synthetic/ImageSets/Main/test.txt").read_text().split()[:2]
+    (dvc_dir / "new").mkdir()
+    for name in images:
+        shutil.copy(dvc_dir / "features_cache/synthetic/JPEGImages" / f"{name}.jpg", dvc_dir / "new")
+    for recipe in RECIPES:
+        with PerImageReader([dvc_dir / layout.detections_file(recipe)]) as stage:
+            expected = {name: {row: stage.rows(row, stage.position(name)) for row in ("boxes", "scores", "labels")}
+                        for name in images}
+        for name, found in predicted(dvc_dir, recipe, images).items():
+            assert len(found["scores"]) == len(expected[name]["scores"]) > 0, (recipe, name)
+            np.testing.assert_array_equal(found["labels"], expected[name]["labels"])
+            np.testing.assert_allclose(found["scores"], expected[name]["scores"], atol=1e-5)
+            np.testing.assert_allclose(found["boxes"], expected[name]["boxes"], atol=0.01)  # JSON: 2 decimals
+
+
+@pytest.mark.slow
+def test_predict_with_a_stale_model_names_the_stage_to_rerun(projects):
+    dvc_dir = projects[0]
+    params = e2e_params()
+    params["bbox"]["ridge_lambda"] = 100.0
+    write_params(dvc_dir, params)
+    try:
+        result = run_to_end(["python", "-m", "stages", "predict", "--recipe", "rcnn", "new"], dvc_dir)
+    finally:
+        write_params(dvc_dir, e2e_params())
+    assert result.returncode == 1
+    assert "(stale stage instances: bbox@rcnn)" in result.stderr
+    assert dvc_clean(dvc_dir)
 
 
 @pytest.mark.slow
