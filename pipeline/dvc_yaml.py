@@ -89,7 +89,7 @@ def stage_entry(stage: Stage, cfg: Config) -> dict[str, Any]:
 
 
 def _has_instances(stage: Stage, cfg: Config) -> bool:
-    return not stage.derived_recipes or bool(fan_out_values(cfg, stage, "recipe"))
+    return stage.needed(cfg) and (not stage.derived_recipes or bool(fan_out_values(cfg, stage, "recipe")))
 
 
 def _top_level_plots(cfg: Config) -> list[dict[str, Any]]:

@@ -54,7 +54,10 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
     from stages.tools import predict
 
     models = predict.model_files(cfg, args.recipe)
-    stale = stale_upstream(models)
+    try:
+        stale = stale_upstream(models)
+    except PipelineError as exc:
+        raise PipelineError(f"recipe {args.recipe}: {exc}") from None
     if stale:
         stages = " ".join(dict.fromkeys(address(s, item) for s, item in producers_of(models)))
         raise PipelineError(f"recipe {args.recipe}: the models it needs are missing or out of date (stale stage "

@@ -7,6 +7,11 @@ the generated ``dvc.yaml`` (``python -m pipeline dvc-yaml``), the Luigi tasks
 (``pipeline``) and the ``python -m stages <name>`` commands; how ``run``'s
 parameters are bound is :func:`stages.core.stage.arguments`.
 
+A stage that serves only some recipes names them (``needed_by``): it has no
+instance unless ``detect.recipes`` holds one of them, so a run of Fast R-CNN
+alone never fine-tunes R-CNN's network nor pools SPP-net's pyramids. (The
+per-recipe stages fan out over the recipes that need them instead.)
+
 Adding a stage: write ``stages/<name>.py`` with a typed ``run(...)``, add one
 entry below, then ``make dvc.yaml``.
 """
@@ -55,6 +60,7 @@ TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         name="finetune", help="fine-tune the backbone on warped regions (R-CNN step 2)",
+        needed_by=("rcnn",),
         params=("data.train_split", "finetune", "sharding"),
         inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.train_split),
                           "proposals": layout.proposals_dir(r.train_split)},
@@ -63,12 +69,14 @@ TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         name="features", help="R-CNN features of one shard of one split (R-CNN step 3)",
+        needed_by=("rcnn",),
         fan_out=("split", "shard"), params=("data.train_split", "features", "finetune", "sharding"),
         inputs=lambda r: {**_split_shard_of_proposals(r), "model": layout.FINETUNED_MODEL},
         outputs=lambda r: {"out_path": Output(layout.features_shard("rcnn", r.split, r.shard))},
     ),
     Stage(
         name="spp_features", help="SPP-net pyramids of the pre-trained conv layers, one shard of one split",
+        needed_by=("sppnet",),
         fan_out=("split", "shard"),
         params=("data.train_split", "features.compression", "features.precision", "finetune.arch",
                 "finetune.weights", "sharding", *(f"sppnet.{k}" for k in SPP_PYRAMID_KEYS)),
@@ -77,6 +85,7 @@ TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         name="spp_finetune", help="train the SPP-net fc layers on cached pyramids",
+        needed_by=("sppnet",),
         params=("data.train_split", "sharding", "sppnet"),
         inputs=lambda r: {"pyramids": layout.spp_dir(r.train_split)},
         outputs=lambda r: {"head_path": Output(layout.SPP_HEAD),
@@ -85,6 +94,7 @@ TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         name="spp_recache", help="fine-tuned SPP-net fc features of one shard of one split",
+        needed_by=("sppnet",),
         fan_out=("split", "shard"), params=("features.compression", "features.precision", "sharding"),
         inputs=lambda r: {"pyramids": layout.spp_shard(r.split, r.shard), "head_path": layout.SPP_HEAD},
         outputs=lambda r: {"out_path": Output(layout.features_shard("sppnet", r.split, r.shard))},

@@ -136,6 +136,22 @@ def test_dvc_yaml_spells_out_the_recipes_and_a_stale_one_stops_every_stage_comma
     assert result.returncode == 1 and "run `make dvc.yaml`" in result.stderr
 
 
+def test_a_stage_only_other_recipes_need_has_no_instance(tmp_path):
+    params = tiny_params()
+    params["detect"]["recipes"] = ["fast_rcnn"]
+    folder = project_copy(tmp_path / "p", params)
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["synthetic", "index", "proposals", "recall", "fast_rcnn_train", "fast_rcnn_detect",
+                            "coco_gt", "evaluate"]
+    assert {plot for figure in yaml.safe_load((folder / "dvc.yaml").read_text())["plots"] for plot in figure} == {
+        "proposal recall, ${data.train_split}", "proposal recall, ${data.test_split}"}  # no fine-tuning curves
+    params["detect"]["recipes"] = ["sppnet"]
+    cfg = load_config(write_params(folder, params))
+    needed = {stage.name for stage, _ in instances(TABLE, cfg)}
+    assert {"spp_features", "spp_finetune", "spp_recache"} <= needed
+    assert not {"finetune", "features", "fast_rcnn_train"} & needed
+
+
 def test_fast_rcnn_svm_runs_the_post_hoc_stages_on_the_trained_fast_rcnn_models_features(tmp_path, monkeypatch):
     from dvc.repo import Repo
 

@@ -65,5 +65,5 @@ def test_a_missing_model_names_the_stages_to_run(fresh_project, recipe, stages):
 def test_a_recipe_the_project_does_not_run_is_a_clear_error(fresh_project):
     result = run_to_end(["python", "-m", "stages", "predict", "--recipe", "sppnet", "new/photo.jpg"], fresh_project)
     assert result.returncode == 1
-    assert "sppnet" in result.stderr and "no stage writes it under params.yaml" in result.stderr
+    assert "recipe sppnet: features_cache/spp/head.pt: no stage writes it under params.yaml" in result.stderr
     assert "detect.recipes" in result.stderr

@@ -133,6 +133,12 @@ class Stage:
     params: tuple[str, ...] = ()
     module: str = field(default="")
     recipes: str = FAN_OUT["recipe"]  # the config attribute listing this stage's ``recipe`` values
+    needed_by: tuple[str, ...] = ()  # the recipes whose results this stage serves; () = every recipe
+
+    def needed(self, cfg: Config) -> bool:
+        """Whether ``detect.recipes`` holds a recipe this stage serves: a stage no enabled recipe needs has no
+        instance (neither ``dvc.yaml`` nor the Luigi tasks run it)."""
+        return not self.needed_by or any(recipe in cfg.detect.recipes for recipe in self.needed_by)
 
     @property
     def derived_recipes(self) -> bool:
@@ -167,7 +173,10 @@ def fan_out_values(cfg: Config, stage: Stage, dim: str) -> tuple[Any, ...]:
 
 
 def items(stage: Stage, cfg: Config) -> list[dict[str, Any]]:
-    """Every instance of a stage, as ``{dimension: value}``, in DVC's matrix order."""
+    """Every instance of a stage, as ``{dimension: value}``, in DVC's matrix order; none if no enabled recipe
+    needs the stage (:meth:`Stage.needed`)."""
+    if not stage.needed(cfg):
+        return []
     axes = [fan_out_values(cfg, stage, dim) for dim in stage.fan_out]
     return [dict(zip(stage.fan_out, combo)) for combo in itertools.product(*axes)]
 
