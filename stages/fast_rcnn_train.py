@@ -48,11 +48,10 @@ from stages.core.engine import Checkpointing, Schedule, train, write_torch
 from stages.core.layout import checkpoint_file, index_file, proposals_dir
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader, shard_path
-from stages.data.images import load_image, resize
+from stages.data.images import image_scales, load_image, resize
 from stages.models.fast_rcnn import FastRcnn, evaluating, model_file
 from stages.ops.boxes import hflip_boxes
 from stages.ops.roi import ImageRois, image_rois, ohem_select, regression_targets, roi_losses, sample_rois
-from stages.ops.spp import image_scales
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ The conv layers are ``build_backbone(finetune.arch, finetune.weights).features``
 connected layers, stage ``spp_finetune``). For each image of proposal shard
 ``K`` and each ``sppnet.scales`` entry the whole image is resized (bilinear;
 shorter side to the scale, longer side at most ``sppnet.max_side``,
-:func:`stages.ops.spp.image_scales`), normalised with the backbone's mean and std
+:func:`stages.data.images.image_scales`), normalised with the backbone's mean and std
 and run through the conv layers once. Each box is pooled at one scale, the one
 where its area is closest to 224 x 224 (:func:`stages.ops.spp.choose_scale`):
 projected onto that conv map (:func:`stages.ops.spp.project_boxes`) and max-pooled
@@ -46,22 +46,11 @@ from stages.core.layout import index_file, proposals_shard
 from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader, create_per_image
 from stages.data.featureset import IMAGE_DATASETS, feature_row, image_regions, region_rows
-from stages.data.images import load_image, prefetch, resize
+from stages.data.images import prefetch, scaled_images
 from stages.models.backbones import Backbone, build_backbone
-from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
+from stages.ops.spp import choose_scale, project_boxes, pyramid_dim, pyramid_pool
 
 RECIPE = "sppnet"
-
-
-def scaled_images(path: str, scales: tuple[int, ...], max_side: int, pin: bool) -> list[torch.Tensor]:
-    """Decode an image and resize it to every scale: ``(h, w, 3)`` uint8 RGB tensors (pinned if ``pin``)."""
-    image = load_image(path)
-    height, width = image.shape[:2]
-    resized = []
-    for factor in image_scales(width, height, scales, max_side):
-        tensor = torch.from_numpy(resize(image, factor))
-        resized.append(tensor.pin_memory() if pin else tensor)
-    return resized
 
 
 def conv_map(model: Backbone, image: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -157,11 +146,10 @@ def run(
         with torch.inference_mode(), create_per_image(out_path, rows, attrs, IMAGE_DATASETS) as writer:
             progress = tqdm(zip(positions, loader), total=len(positions), desc=f"spp_features {split} shard {shard}",
                             unit="img")
-            for k, (i, resized) in enumerate(progress):
+            for k, (i, (resized, factors)) in enumerate(progress):
                 width, height = int(index.value("widths", i)), int(index.value("heights", i))
                 found = image_regions(proposals.rows("boxes", k), index.rows("gt_boxes", i),
                                       index.rows("gt_labels", i), len(classes), with_gt=split == train_split)
-                factors = image_scales(width, height, params.scales, params.max_side)
                 pool = image_pyramids(model, resized, found["boxes"], factors, params.levels, features.precision,
                                       device)
                 writer.append(index.image_ids[i], {**found, "pool": pool}, widths=width, heights=height)

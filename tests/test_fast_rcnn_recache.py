@@ -14,7 +14,8 @@ from stages.core.config import load_config
 from stages.core.store import ArtifactError, PerImageReader
 from stages.data.featureset import FeatureSet
 from stages.fast_rcnn_recache import region_features
-from stages.models.fast_rcnn import FC6, FastRcnn, image_rois, load_fast_rcnn, model_file, resized_image
+from stages.data.images import scaled_images
+from stages.models.fast_rcnn import FC6, FastRcnn, image_rois, load_fast_rcnn, model_file
 from stages.tools import show
 from stages.tools.describe import describe
 
@@ -89,7 +90,7 @@ def test_the_cache_holds_the_models_own_features_and_the_post_hoc_stages_run_on_
                 PerImageReader([layout.index_file(split)]) as index:
             image_id = cache.image_ids[0]
             path = Path(index.attrs["data_root"]) / index.value("paths", index.position(image_id))
-            image, factor = resized_image(path, cfg.fast_rcnn.scales[0], cfg.fast_rcnn.max_side, pin=False)
+            (image,), (factor,) = scaled_images(path, cfg.fast_rcnn.scales[:1], cfg.fast_rcnn.max_side, pin=False)
             with torch.inference_mode():
                 conv = model.conv(image[None])
                 rois = image_rois(cache.rows("boxes", 0), factor)

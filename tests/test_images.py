@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from stages.core.errors import PipelineError
-from stages.data.images import ImageError, load_image
+from stages.data.images import ImageError, image_scales, load_image
 
 # JPEG is lossy; flat colours come back within a couple of levels.
 JPEG_TOLERANCE = 2
@@ -129,3 +129,9 @@ def test_missing_file(tmp_path: Path) -> None:
         load_image(path)
     assert str(info.value) == f"{path}: image file not found"
     assert isinstance(info.value, PipelineError)
+
+
+def test_image_scales_shorter_side_then_longer_cap():
+    # 300 x 200: shorter side 200 -> 100 (x0.5); -> 688 would make the longer side 1032 > 1000: capped at 1000/300
+    assert image_scales(300, 200, (100, 688), 1000) == pytest.approx([0.5, 1000 / 300])
+    assert image_scales(200, 400, (688,), 2000) == pytest.approx([3.44])

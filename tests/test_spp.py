@@ -1,4 +1,4 @@
-"""SPP-net maths: scales, multi-scale choice, box projection and pyramid pooling, by hand."""
+"""SPP-net maths: multi-scale choice, box projection and pyramid pooling, by hand."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,13 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_dim, pyramid_pool
-
-
-def test_image_scales_shorter_side_then_longer_cap():
-    # 300 x 200: shorter side 200 -> 100 (x0.5); -> 688 would make the longer side 1032 > 1000: capped at 1000/300
-    assert image_scales(300, 200, (100, 688), 1000) == pytest.approx([0.5, 1000 / 300])
-    assert image_scales(200, 400, (688,), 2000) == pytest.approx([3.44])
+from stages.ops.spp import choose_scale, project_boxes, pyramid_dim, pyramid_pool
 
 
 def test_choose_scale_closest_to_224_squared():

@@ -16,9 +16,9 @@ from helpers import replace_section, run_spp, spp_config
 from stages.core import layout, runs
 from stages.core.config import load_config
 from stages.core.store import ArtifactError, PerImageReader
-from stages.data.images import load_image
 from stages.models.backbones import build_backbone
-from stages.ops.spp import choose_scale, image_scales, project_boxes, pyramid_pool
+from stages.data.images import image_scales, load_image
+from stages.ops.spp import choose_scale, project_boxes, pyramid_pool
 
 LEVELS = (1, 2)
 CHANNELS = 112  # efficientnet_lite0's stride-16 map

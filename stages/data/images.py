@@ -5,13 +5,16 @@ import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from stages.core.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
 
 # Large scans and aerial images are legitimate input; Pillow's decompression-bomb
 # guard (89 M pixels) would reject them with a warning promoted to an error later.
@@ -57,6 +60,26 @@ def resize(image: np.ndarray, factor: float) -> np.ndarray:
     height, width = image.shape[:2]
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+
+
+def image_scales(width: int, height: int, scales: Sequence[int], max_side: int) -> list[float]:
+    """Resize factor of each scale: the shorter side becomes ``scale``, unless the longer would exceed ``max_side``."""
+    short, long = min(width, height), max(width, height)
+    return [min(scale / short, max_side / long) for scale in scales]
+
+
+def scaled_images(
+    path: str | Path, scales: Sequence[int], max_side: int, pin: bool
+) -> tuple[list["torch.Tensor"], list[float]]:
+    """Decode an image and resize it for a conv pass at each of ``scales`` (the shorter side becomes the scale,
+    the longer at most ``max_side``: :func:`image_scales`): ``(h, w, 3)`` uint8 RGB tensors,
+    pinned if ``pin`` (for non-blocking copies to a GPU), and their resize factors."""
+    import torch  # here: the index and features stages' workers decode with this module and need no torch
+
+    image = load_image(path)
+    factors = image_scales(image.shape[1], image.shape[0], scales, max_side)
+    tensors = [torch.from_numpy(resize(image, factor)) for factor in factors]
+    return [t.pin_memory() if pin else t for t in tensors], factors
 
 
 def prefetch(function: Callable[[T], U], items: Iterable[T], threads: int) -> Iterator[U]:

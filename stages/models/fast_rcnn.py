@@ -37,10 +37,9 @@ from torchvision.ops import FrozenBatchNorm2d, roi_align, roi_pool
 
 from stages.core.device import autocast
 from stages.core.store import ArtifactError
-from stages.data.images import load_image, prefetch, resize
+from stages.data.images import prefetch, scaled_images
 from stages.models.backbones import build_backbone
 from stages.ops.boxes import as_boxes
-from stages.ops.spp import image_scales
 from stages.ops.svd import truncated_svd
 
 FC6, FC7 = 0, 3  # positions of the two linear layers in FastRcnn.fc
@@ -158,21 +157,15 @@ class FastRcnn(nn.Module):
 # --- test time: one conv pass of the whole image -------------------------------------------------
 
 
-def resized_image(path: str, scale: int, max_side: int, pin: bool) -> tuple[Tensor, float]:
-    """Decode an image and resize it for the conv pass: ``(h, w, 3)`` uint8 tensor (pinned if ``pin``), factor."""
-    image = load_image(path)
-    factor = image_scales(image.shape[1], image.shape[0], [scale], max_side)[0]
-    tensor = torch.from_numpy(resize(image, factor))
-    return (tensor.pin_memory() if pin else tensor), factor
-
-
 def resized_images(
     paths: list[str], scale: int, max_side: int, device: torch.device, num_workers: int
 ) -> Iterator[tuple[Tensor, float]]:
-    """:func:`resized_image` of each of ``paths`` (shorter side ``scale``, longer at most ``max_side``; pinned on
-    CUDA), decoded ahead by ``num_workers`` threads (0 = one per core)."""
-    decode = partial(resized_image, scale=scale, max_side=max_side, pin=device.type == "cuda")
-    return prefetch(decode, paths, max(1, num_workers or os.cpu_count() or 1))
+    """Each of ``paths`` decoded and resized for the conv pass (:func:`stages.data.images.scaled_images`: shorter
+    side ``scale``, longer at most ``max_side``; pinned on CUDA) with its factor, decoded ahead by ``num_workers``
+    threads (0 = one per core)."""
+    decode = partial(scaled_images, scales=[scale], max_side=max_side, pin=device.type == "cuda")
+    for (image,), (factor,) in prefetch(decode, paths, max(1, num_workers or os.cpu_count() or 1)):
+        yield image, factor
 
 
 def conv_pass(model: FastRcnn, image: Tensor, device: torch.device) -> Tensor:

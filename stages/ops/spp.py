@@ -1,4 +1,4 @@
-"""SPP-net maths: image scales, projecting boxes onto the conv map, spatial pyramid pooling.
+"""SPP-net maths: the scale of each box, projecting boxes onto the conv map, spatial pyramid pooling.
 
 SPP-net (He et al., ECCV 2014) runs the convolutional layers once per image and
 max-pools each proposal's window of the last conv map into a fixed pyramid of
@@ -22,12 +22,6 @@ from stages.ops.boxes import as_boxes, box_area
 
 SPP_AREA = 224 * 224  # multi-scale rule: a box is pooled at the scale where its area is closest to this
 BOX_CHUNK = 256  # boxes pooled at once: bounds the gathered bins to BOX_CHUNK * l * l * C values per level
-
-
-def image_scales(width: int, height: int, scales: Sequence[int], max_side: int) -> list[float]:
-    """Resize factor of each scale: the shorter side becomes ``scale``, unless the longer would exceed ``max_side``."""
-    short, long = min(width, height), max(width, height)
-    return [min(scale / short, max_side / long) for scale in scales]
 
 
 def choose_scale(boxes: np.ndarray, factors: Sequence[float]) -> np.ndarray:

@@ -55,8 +55,8 @@ from stages.core.provenance import file_digest
 from stages.core.store import ArtifactError, PerImageReader
 from stages.data import coco
 from stages.data.detections import suppress
-from stages.data.images import load_image
-from stages.models.fast_rcnn import FC6, FastRcnn, conv_pass, image_rois, load_fast_rcnn, resized_image
+from stages.data.images import load_image, scaled_images
+from stages.models.fast_rcnn import FC6, FastRcnn, conv_pass, image_rois, load_fast_rcnn
 from stages.ops.boxes import as_boxes
 from stages.tools.drawing import draw_detections, image_axes, save
 
@@ -120,8 +120,7 @@ def _rcnn_features(cfg: Config, classes: list[str], device: torch.device) -> tup
 def _spp_features(cfg: Config, classes: list[str], device: torch.device) -> tuple[ImageFunction, int]:
     from stages.models.backbones import build_backbone
     from stages.models.spp_head import load_head
-    from stages.ops.spp import image_scales
-    from stages.spp_features import image_pyramids, scaled_images
+    from stages.spp_features import image_pyramids
     from stages.spp_recache import head_outputs
 
     head = load_head(layout.SPP_HEAD).to(device)
@@ -133,8 +132,7 @@ def _spp_features(cfg: Config, classes: list[str], device: torch.device) -> tupl
     spp, precision = cfg.sppnet, cfg.features.precision
 
     def features(path: Path, image: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
-        factors = image_scales(image.shape[1], image.shape[0], spp.scales, spp.max_side)
-        resized = scaled_images(str(path), spp.scales, spp.max_side, pin=device.type == "cuda")
+        resized, factors = scaled_images(path, spp.scales, spp.max_side, pin=device.type == "cuda")
         pool = image_pyramids(backbone, resized, boxes, factors, spp.levels, precision, device)
         fc, scores = head_outputs(head, pool, device)
         return {"pool": pool, "fc": fc.astype(precision), "scores": scores}
@@ -156,7 +154,7 @@ def _fast_rcnn(cfg: Config, recipe: str, classes: list[str], device: torch.devic
     fast = cfg.fast_rcnn
 
     def conv_and_rois(path: Path, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        resized, factor = resized_image(str(path), fast.scales[0], fast.max_side, pin=device.type == "cuda")
+        (resized,), (factor,) = scaled_images(path, fast.scales[:1], fast.max_side, pin=device.type == "cuda")
         return conv_pass(model, resized, device), image_rois(boxes, factor).to(device, non_blocking=True)
 
     return model, conv_and_rois
