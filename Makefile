@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run luigi verify test test-quick bench ablation clean dvc.yaml
+.PHONY: install run luigi verify test test-quick bench ablation velocities clean dvc.yaml
 
 install: $(STAMP)
 
@@ -50,3 +50,7 @@ verify: $(STAMP)
 ABLATION_ARGS ?=
 ablation: $(STAMP)
 	$(BIN)/python -m bench.ablation $(ABLATION_ARGS)
+
+# the "various velocities" table, slow to faster: R-CNN, SPP-net, Fast R-CNN (+ OHEM, + SVD), Faster R-CNN
+velocities: $(STAMP)
+	$(BIN)/python -m bench.ablation --velocities $(ABLATION_ARGS)

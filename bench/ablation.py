@@ -61,7 +61,7 @@ import yaml
 from bench.common import REPO
 from pipeline.project import scratch_project, write_params
 from stages.core import layout, runs
-from stages.core.atomic import write_text
+from stages.core.atomic import atomic_path, write_text
 
 # variant: (recipe it is read from, params changes)
 VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
@@ -78,7 +78,13 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "Fast R-CNN + OHEM": ("fast_rcnn_ohem", {}),
     "Fast R-CNN + truncated SVD": ("fast_rcnn_svd", {}),
     "Fast R-CNN fc7 + SVMs (post-hoc)": ("fast_rcnn_svm", {}),
+    "Faster R-CNN (4-step alternating training)": ("faster_rcnn", {}),
+    "Faster R-CNN (approximate joint training)": ("faster_rcnn_joint", {}),
 }
+# the tutorial's "various velocities" table (--velocities): slow to faster, each at its defaults
+VELOCITIES = ("R-CNN: fine-tuned, SVMs, box regression", "SPP-net features", "Fast R-CNN (hierarchical sampling)",
+              "Fast R-CNN + OHEM", "Fast R-CNN + truncated SVD", "Faster R-CNN (4-step alternating training)",
+              "Faster R-CNN (approximate joint training)")
 TRAIN_TASKS = {
     "rcnn": ("Finetune", "Features:train", "Svm:rcnn", "Bbox:rcnn"),
     "sppnet": ("SppFeatures:train", "SppFinetune", "SppRecache:train", "Svm:sppnet", "Bbox:sppnet"),
@@ -86,7 +92,11 @@ TRAIN_TASKS = {
     "fast_rcnn_ohem": ("FastRcnnTrain:fast_rcnn_ohem",),
     "fast_rcnn_svd": ("FastRcnnTrain:fast_rcnn",),
     "fast_rcnn_svm": ("FastRcnnTrain:fast_rcnn", "FastRcnnRecache:train", "Svm:fast_rcnn_svm", "Bbox:fast_rcnn_svm"),
+    "faster_rcnn": ("RpnTrain1", "RpnProposals2:train", "FastRcnnTrain3", "RpnTrain4", "RpnProposals4:train",
+                    "FastRcnnTrain5"),
+    "faster_rcnn_joint": ("FasterRcnnJoint",),
 }
+FASTER_RCNN = ("faster_rcnn", "faster_rcnn_joint")  # recipes that propose their own regions
 # The feature recipes' test seconds per image are their test feature caching and detect stage's; Fast R-CNN's
 # are its detection run record's (conv pass plus the head timed alone)
 TEST_TASKS = {"rcnn": ("Features:test", "Detect:rcnn"), "sppnet": ("SppFeatures:test", "SppRecache:test", "Detect:sppnet"),
@@ -233,11 +243,31 @@ def row(name: str, folder: Path, recipe: str, times: dict[str, float], base_time
         svm = json.loads((folder / runs.run_file(layout.svm_model(recipe))).read_text())
         svm_stage, svm_fit = seconds.get(f"Svm:{recipe}", 0.0), sum(c["seconds"] for c in svm["classes"].values())
     else:
-        test = json.loads((folder / runs.run_file(layout.detections_file(recipe))).read_text())["seconds_per_image"]
-        svm_stage = svm_fit = None
+        detection = json.loads((folder / runs.run_file(layout.detections_file(recipe))).read_text())
+        test, svm_stage, svm_fit = detection["seconds_per_image"], None, None
     return {"variant": name, "mAP (VOC07 11-pt)": 100 * metrics["mAP_voc07"],
             "mAP (VOC2010+)": 100 * metrics["mAP_voc2010"], "train s": train,
             "SVM stage s": svm_stage, "SVM fitting s": svm_fit, "test s/img": test}
+
+
+def velocity_row(base_row: dict, folder: Path, recipe: str, times: dict[str, float], base_times: dict[str, float],
+                 test_split: str) -> dict:
+    """``base_row`` (:func:`row`) with the velocities table's columns: which proposals, how many per test image,
+    and the test seconds per image with the proposals' (selective search's stage seconds; a Faster R-CNN's
+    proposals are part of its detection run record)."""
+    reports = folder / "features_cache" / "reports"
+    if recipe in FASTER_RCNN:
+        detection = json.loads((folder / runs.run_file(layout.detections_file(recipe))).read_text())
+        proposals, with_proposals = f"RPN {detection['proposals_per_image']:.0f}", base_row["test s/img"]
+    else:
+        report = json.loads((reports / "proposals.json").read_text())[test_split]
+        proposals = f"selective search {report['boxes_per_image']:.0f}"
+        seconds = {**base_times, **times}.get("Proposals:test", 0.0)
+        with_proposals = base_row["test s/img"] + seconds / max(report["images"], 1)
+    columns = list(base_row)
+    merged = {**base_row, "proposals": proposals, "test s/img with proposals": with_proposals}
+    order = [*columns[:3], "proposals", *columns[3:], "test s/img with proposals"]
+    return {key: merged[key] for key in order}
 
 
 def per_class_rows(folder: Path, recipes: list[str]) -> list[dict]:
@@ -259,6 +289,28 @@ def markdown(rows: list[dict]) -> str:
                  for k, v in r.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_velocities(rows: list[dict], path: Path, dataset: str) -> None:
+    """Test seconds per image (proposals included, log scale) against mAP (VOC07), one point per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x, y = r["test s/img with proposals"], r[MAP_COLUMNS[0]].mean
+        ax.scatter([x], [y])
+        ax.annotate(r["variant"].split(" (")[0].split(":")[0] + (" joint" if "joint" in r["variant"] else ""),
+                    (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    ax.set(xscale="log", xlabel="test seconds per image, proposals included", ylabel="mAP, VOC07 11-point",
+           title=f"Velocities on {dataset}")
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def positive(text: str) -> int:
@@ -288,13 +340,19 @@ def main(argv: list[str] | None = None) -> str:
                         "same folder reuses them, and Luigi reruns only what changed")
     parser.add_argument("--report", type=Path, metavar="PATH", help="write the markdown report here (and the "
                         "JSON one to PATH with the suffix .json) instead of features_cache/reports/")
+    parser.add_argument("--velocities", action="store_true", help="only the velocities table: R-CNN, SPP-net, Fast "
+                        "R-CNN (+ OHEM, + SVD) and Faster R-CNN (alternating, joint), all trained in the full run; "
+                        "also a plot of test seconds per image against mAP")
     args = parser.parse_args(argv)
     base_params = yaml.safe_load((REPO / "params.yaml").read_text())
     if args.data_root:
         base_params["data"].update(root=str(Path(args.data_root).resolve()), on_error="skip")
     for assignment in args.set:
         apply_setting(base_params, assignment)
-    variants = {name: v for name, v in VARIANTS.items() if not any(text in name for text in args.skip)}
+    chosen = {name: VARIANTS[name] for name in VELOCITIES} if args.velocities else VARIANTS
+    variants = {name: v for name, v in chosen.items() if not any(text in name for text in args.skip)}
+    if args.velocities:  # the full run trains every recipe; each variant then only reads its own
+        base_params["detect"]["recipes"] = list(dict.fromkeys(recipe for recipe, _ in variants.values()))
     scratch = args.workdir or Path(tempfile.mkdtemp(prefix="rcnn-ablation-"))
     per_seed: dict[str, list[dict]] = {name: [] for name in variants}
     try:
@@ -324,7 +382,11 @@ def main(argv: list[str] | None = None) -> str:
                 write_params(folder, variant_params(params, recipe, changes))
                 print(f"variant {name!r}{label} ...", flush=True)
                 times = run_pipeline(folder)
-                per_seed[name].append(row(name, folder, recipe, times, base_times, base_params["data"]["test_split"]))
+                test_split = base_params["data"]["test_split"]
+                measured = row(name, folder, recipe, times, base_times, test_split)
+                if args.velocities:
+                    measured = velocity_row(measured, folder, recipe, times, base_times, test_split)
+                per_seed[name].append(measured)
     finally:
         if not args.workdir:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -343,7 +405,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.seeds > 1:
         report += f"mAP of each seed (VOC07 11-pt / VOC2010+):\n\n{markdown(per_seed_table(per_seed))}\n"
     report += f"Per-class AP of {full_run}:\n\n{markdown(classes)}"
-    name = f"ablation-{Path(args.data_root).resolve().name}.md" if args.data_root else "ablation.md"
+    kind = "velocities" if args.velocities else "ablation"
+    name = f"{kind}-{Path(args.data_root).resolve().name}.md" if args.data_root else f"{kind}.md"
     path = args.report or REPO / "features_cache" / "reports" / name
     write_text(path, report)
     figures = {
@@ -355,6 +418,8 @@ def main(argv: list[str] | None = None) -> str:
         "per_class": classes,
     }
     write_text(path.with_suffix(".json"), json.dumps(figures, indent=2) + "\n")
+    if args.velocities:
+        plot_velocities(rows, path.with_suffix(".png"), dataset)
     print(report)
     return report
 

@@ -70,7 +70,7 @@ def detections(
     return suppress(candidates, scores[rows, labels], labels, size, params)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -124,7 +124,7 @@ def run(
                 size = (int(index.value("widths", i)), int(index.value("heights", i)))
                 tic = time.perf_counter()
                 conv = conv_pass(model, image, device)
-                _synchronize(device)
+                synchronize(device)
                 seconds["conv"] += time.perf_counter() - tic
                 rois = image_rois(boxes, factor).to(device)
                 for name, head in heads.items():

@@ -9,6 +9,10 @@ proposals curve, taking each image's first ``k`` proposals in rank order.
 Outputs: ``features_cache/reports/proposals.json`` (DVC metrics) and
 ``features_cache/reports/recall_curve_<split>.csv`` (DVC plots). Proposal
 seconds per image are run-to-run facts: ``features_cache/runs/proposals/``.
+
+The same report of a Faster R-CNN RPN's proposals (entries ``rpn_recall_2``
+and ``rpn_recall_4``, ``rpn`` = ``m1`` or ``m3``): ``proposals_rpn_<rpn>.json``
+and ``recall_curve_rpn_<rpn>_<split>.csv``.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core.atomic import write_text
-from stages.core.layout import index_file, proposals_dir, recall_curve
+from stages.core.layout import index_file, proposals_dir, recall_curve, rpn_proposals_dir
 from stages.core.store import PerImageReader
 from stages.ops.boxes import box_iou
 
@@ -65,16 +69,16 @@ def split_report(index: PerImageReader, proposals: PerImageReader) -> tuple[dict
     return metrics, curve
 
 
-def run(splits: tuple[str, ...], num_shards: int, metrics_path: Path) -> None:
-    """Write the metrics of every split to ``metrics_path`` and one curve CSV per split."""
+def run(splits: tuple[str, ...], num_shards: int, metrics_path: Path, rpn: str = "") -> None:
+    """Write the metrics of every split to ``metrics_path`` and one curve CSV per split: of selective search's
+    proposals, or of RPN ``rpn``'s."""
     report = {}
     for split in dict.fromkeys(splits):
-        with PerImageReader([index_file(split)]) as index, PerImageReader.sharded(
-            proposals_dir(split), num_shards
-        ) as proposals:
+        folder = rpn_proposals_dir(rpn, split) if rpn else proposals_dir(split)
+        with PerImageReader([index_file(split)]) as index, PerImageReader.sharded(folder, num_shards) as proposals:
             metrics, curve = split_report(index, proposals)
         report[split] = metrics
         header = "proposals," + ",".join(f"recall@{t}" for t in THRESHOLDS)
         lines = [f"{row['proposals']}," + ",".join(f"{row[f'recall@{t}']:.6f}" for t in THRESHOLDS) for row in curve]
-        write_text(recall_curve(split), "\n".join([header, *lines]) + "\n")
+        write_text(recall_curve(split, rpn), "\n".join([header, *lines]) + "\n")
     write_text(metrics_path, json.dumps(report, indent=2) + "\n")

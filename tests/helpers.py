@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.project import scratch_project, write_params  # noqa: F401  (write_params: for test modules)
 from stages.core import layout
-from stages.core.config import FAST_RCNN_MODELS, RECIPES, Config
+from stages.core.config import FAST_RCNN_MODELS, FASTER_RCNN_RECIPES, RECIPES, Config
 from stages.core.store import RowSpec, create_per_image, shard_path
 from stages.data.featureset import IMAGE_DATASETS, class_iou, feature_row, region_rows
 from stages.data.voc import Problems, discover_classes, find_image, read_annotations, read_split_ids
@@ -38,6 +38,10 @@ TINY = {
     "sppnet": {"scales": [128], "max_side": 200, "hidden": 64, "batch_size": 32, "iterations": 5, "lr_step": 3},
     "fast_rcnn": {"scales": [128], "max_side": 200, "hidden": 64, "rois_per_image": 16, "ohem_rois": 16,
                   "roi_chunk": 64, "iterations": 4, "lr_step": 3, "warmup": 0, "svd_ranks": [16, 8]},
+    "faster_rcnn": {"anchor_sizes": [32, 64, 128], "train_pre_nms": 600, "train_proposals": 100, "test_pre_nms": 300,
+                    "test_proposals": 50, **{step: {"iterations": 4, "learning_rate": 0.002, "momentum": 0.9,
+                                                    "weight_decay": 0.0005, "lr_step": 3, "lr_gamma": 0.1, "warmup": 0}
+                                             for step in ("step1", "step4")}},
     "svm": {"norm_sample": 500, "retrain_every": 200},
     "evaluate": {"gallery": 2},
     "runtime": {"num_workers": 2},
@@ -149,6 +153,9 @@ def artifacts(folder: Path) -> dict[str, bytes]:
                layout.PROPOSAL_METRICS, layout.coco_ground_truth("test")]
     for model in FAST_RCNN_MODELS:
         outputs += [layout.fast_rcnn_model(model), layout.fast_rcnn_curve(model)]
+    for model in ("m1", "m2", "m3", *FASTER_RCNN_RECIPES):
+        outputs += [layout.faster_rcnn_model(model), layout.faster_rcnn_curve(model)]
+    outputs += [layout.rpn_recall_metrics(model) for model in ("m1", "m3")]
     for recipe in RECIPES:
         outputs += [layout.coco_detections(recipe), layout.map_metrics(recipe), layout.pr_curve(recipe)]
     for path in outputs:

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from bench import ablation
-from bench.ablation import TEST_TASKS, TRAIN_TASKS, VARIANTS, Spread, markdown, row, seed_params, seeded_sections, summarise
+from bench.ablation import (TEST_TASKS, TRAIN_TASKS, VARIANTS, VELOCITIES, Spread, markdown, row, seed_params,
+                            seeded_sections, summarise, velocity_row)
 from pipeline.project import write_params
 from stages.core import layout, runs
 
@@ -28,6 +29,26 @@ def test_a_fast_rcnn_row_takes_its_test_time_from_the_detection_run_record(tmp_p
     assert result == {"variant": "SVD", "mAP (VOC07 11-pt)": 50.0, "mAP (VOC2010+)": 25.0, "train s": 30.0,
                       "SVM stage s": None, "SVM fitting s": None, "test s/img": 0.125}
     assert markdown([result]).splitlines()[2] == "| SVD | 50.0 | 25.0 | 30.00 | - | - | 0.12 |"
+
+
+def test_a_velocities_row_adds_the_proposals_and_their_seconds(tmp_path):
+    reports = tmp_path / layout.REPORTS
+    reports.mkdir(parents=True)
+    (reports / "proposals.json").write_text(json.dumps({"test": {"images": 4, "boxes_per_image": 1999.6}}))
+    record = tmp_path / runs.run_file(layout.detections_file("faster_rcnn"))
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"seconds_per_image": 0.5, "proposals_per_image": 300.0}))
+    measured = {"variant": "V", "mAP (VOC07 11-pt)": 50.0, "mAP (VOC2010+)": 25.0, "train s": 30.0,
+                "SVM stage s": None, "SVM fitting s": None, "test s/img": 0.25}
+    slow = velocity_row(measured, tmp_path, "fast_rcnn", {"Proposals:test": 6.0}, {}, "test")
+    assert list(slow) == ["variant", "mAP (VOC07 11-pt)", "mAP (VOC2010+)", "proposals", "train s", "SVM stage s",
+                          "SVM fitting s", "test s/img", "test s/img with proposals"]
+    assert (slow["proposals"], slow["test s/img with proposals"]) == ("selective search 2000", 0.25 + 6.0 / 4)
+    faster = velocity_row({**measured, "test s/img": 0.5}, tmp_path, "faster_rcnn", {"Proposals:test": 6.0}, {},
+                          "test")
+    assert (faster["proposals"], faster["test s/img with proposals"]) == ("RPN 300", 0.5)  # in its own record
+    assert [VARIANTS[name][0] for name in VELOCITIES] == ["rcnn", "sppnet", "fast_rcnn", "fast_rcnn_ohem",
+                                                           "fast_rcnn_svd", "faster_rcnn", "faster_rcnn_joint"]
 
 
 def test_every_variant_recipe_has_its_training_tasks():
@@ -101,7 +122,7 @@ def fake_pipeline(calls: list[dict]):
             put(marker, str(seed))
         else:
             assert marker.read_text() == str(seed)
-        put(reports / "proposals.json", json.dumps({"test": {"images": 4}}))
+        put(reports / "proposals.json", json.dumps({"test": {"images": 4, "boxes_per_image": 500.0}}))
         for recipe in params["detect"]["recipes"]:
             voc07 = 0.90 + 0.02 * seed - (0.05 if not params["detect"]["box_regression"] else 0.0)
             voc07 += 0.10 * recipe.startswith("fast_rcnn")
@@ -110,7 +131,8 @@ def fake_pipeline(calls: list[dict]):
                 "AP_voc2010": {"box": voc07 + 0.01}, "num_positives": {"box": 3}}))
             record_of = layout.svm_model(recipe) if recipe in TEST_TASKS else layout.detections_file(recipe)
             put(folder / runs.run_file(record_of),
-                json.dumps({"seconds_per_image": 0.25, "classes": {"box": {"seconds": 1.0}}}))
+                json.dumps({"seconds_per_image": 0.25, "proposals_per_image": 300.0,
+                            "classes": {"box": {"seconds": 1.0}}}))
         first_full_run = folder.name == "base" and seed == 0
         return {"Finetune": 10.0 + seed, **({"Features:train": 100.0} if first_full_run else {})}
     return run
@@ -134,7 +156,7 @@ def test_seeds_reach_the_report_as_mean_and_spread_with_every_seed(tmp_path, fak
     out = tmp_path / "report" / "ablation.md"
     report = ablation.main(["--seeds", "3", "--skip", "Fast R-CNN,", "--skip", "SVD", "--skip", "OHEM",
                             "--skip", "hard-negative", "--skip", "softmax", "--skip", "float32", "--skip", "dropout",
-                            "--report", str(out)])
+                            "--skip", "Faster", "--report", str(out)])
     variants = ["R-CNN: fine-tuned, SVMs, box regression", "no box regression", "no fine-tuning (ImageNet features)",
                 "SPP-net features", "Fast R-CNN (hierarchical sampling)", "Fast R-CNN fc7 + SVMs (post-hoc)"]
     # 3 full runs and 3 x 5 variant runs; training seeds 0, 1, 2, the data's always 0
@@ -163,13 +185,24 @@ def test_seeds_reach_the_report_as_mean_and_spread_with_every_seed(tmp_path, fak
 
 def test_one_seed_gives_the_table_without_spread(tmp_path, fake_runs):
     out = tmp_path / "ablation.md"
-    report = ablation.main(["--skip", "Fast R-CNN", "--skip", "SPP", "--report", str(out)])
+    report = ablation.main(["--skip", "Fast R-CNN", "--skip", "SPP", "--skip", "Faster", "--report", str(out)])
     assert len(fake_runs) == 1 + 6 and {c["finetune"] for c in fake_runs} == {0}
     assert "| no box regression | 85.0 | 86.0 | 110.00 | 0.00 | 1.00 | 0.00 |" in report.splitlines()
     assert "±" not in report and "seed +" not in report
     assert "Per-class AP of the full run:" in report
     assert json.loads(out.with_suffix(".json").read_text())["variants"][1]["mAP (VOC07 11-pt)"] == {
         "mean": pytest.approx(85.0), "std": None, "per_seed": [pytest.approx(85.0)]}
+
+
+def test_velocities_train_every_recipe_in_the_full_run_and_plot_seconds_against_map(tmp_path, fake_runs):
+    out = tmp_path / "velocities.md"
+    report = ablation.main(["--velocities", "--report", str(out)])
+    assert len(fake_runs) == 1 + len(VELOCITIES)
+    lines = report.splitlines()
+    assert "| Faster R-CNN (approximate joint training) | 90.0 | 91.0 | RPN 300 | 0.00 | - | - | 0.25 | 0.25 |" in lines
+    assert "| SPP-net features | 90.0 | 91.0 | selective search 500 | 0.00 | 0.00 | 1.00 | 0.00 | 0.00 |" in lines
+    assert "no box regression" not in report
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".json").is_file()
 
 
 def test_seeds_must_be_at_least_one(capsys):

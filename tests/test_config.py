@@ -284,7 +284,7 @@ def test_an_svd_recipe_needs_svd_ranks(tmp_path: Path) -> None:
 
 
 def test_unknown_recipe(tmp_path: Path) -> None:
-    assert "is not one of" in _error(_modified(tmp_path, "detect", "recipes", ["faster_rcnn"]))
+    assert "is not one of" in _error(_modified(tmp_path, "detect", "recipes", ["fastest_rcnn"]))
 
 
 def test_data_defaults_read_a_voc_folder_with_split_files() -> None:

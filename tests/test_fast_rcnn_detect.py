@@ -42,8 +42,9 @@ def test_tiny_detection_writes_both_heads_in_the_detect_format(spp_workspace):
     cfg = load_config()
     finetune = dataclasses.replace(cfg.finetune, weights="random")
     model = layout.fast_rcnn_model("fast_rcnn")
-    fast_rcnn_train.run("fast_rcnn", cfg.fast_rcnn, finetune, cfg.data.train_split, cfg.sharding.num_shards, model,
-                        layout.fast_rcnn_curve("fast_rcnn"), num_workers=1, checkpoint_every=0)
+    fast_rcnn_train.run("fast_rcnn", cfg.fast_rcnn, finetune, cfg.data.train_split, cfg.sharding.num_shards,
+                        layout.proposals_dir(cfg.data.train_split), model, layout.fast_rcnn_curve("fast_rcnn"),
+                        num_workers=1, checkpoint_every=0)
     paths = {name: (layout.detections_file(name), layout.coco_detections(name)) for name in ("fast_rcnn", "fast_rcnn_svd")}
 
     def detect(ranks):

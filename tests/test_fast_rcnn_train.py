@@ -27,11 +27,13 @@ import dataclasses, json, sys
 from pathlib import Path
 from stages import fast_rcnn_train
 from stages.core.config import load_config
+from stages.core.layout import proposals_dir
 cfg = load_config()
 params = dataclasses.replace(cfg.fast_rcnn, **json.loads(sys.argv[1]))
 finetune = dataclasses.replace(cfg.finetune, weights="random")
-fast_rcnn_train.run("fast_rcnn", params, finetune, cfg.data.train_split, cfg.sharding.num_shards, Path(sys.argv[2]),
-                    Path(sys.argv[3]), num_workers=1, checkpoint_every=1)
+fast_rcnn_train.run("fast_rcnn", params, finetune, cfg.data.train_split, cfg.sharding.num_shards,
+                    proposals_dir(cfg.data.train_split), Path(sys.argv[2]), Path(sys.argv[3]), num_workers=1,
+                    checkpoint_every=1)
 """
 
 
@@ -54,8 +56,9 @@ def _model(cfg) -> FastRcnn:
 def _train(cfg, recipe, model_path, curve_path, num_workers=1, checkpoint_every=0, **changes):
     params = dataclasses.replace(cfg.fast_rcnn, **changes)
     finetune = dataclasses.replace(cfg.finetune, weights="random")  # what is learnt does not matter here
-    fast_rcnn_train.run(recipe, params, finetune, cfg.data.train_split, cfg.sharding.num_shards, model_path,
-                        curve_path, num_workers=num_workers, checkpoint_every=checkpoint_every)
+    fast_rcnn_train.run(recipe, params, finetune, cfg.data.train_split, cfg.sharding.num_shards,
+                        proposals_dir(cfg.data.train_split), model_path, curve_path, num_workers=num_workers,
+                        checkpoint_every=checkpoint_every)
 
 
 def test_a_hierarchical_batch_holds_two_images_and_the_asked_proportions(spp_workspace):
@@ -63,7 +66,7 @@ def test_a_hierarchical_batch_holds_two_images_and_the_asked_proportions(spp_wor
 
     cfg = load_config()
     p = dataclasses.replace(cfg.fast_rcnn, rois_per_image=8, positive_fraction=0.25, scales=(128,), max_side=150)
-    batches = RoiBatches(_images(cfg), p, ohem=False, pad=(127, 127, 127))
+    batches = RoiBatches(_images(cfg), p, every_roi=False, pad=(127, 127, 127))
     batch = batches[0]
     images, rois, labels = batch["images"], batch["rois"], batch["labels"]
     assert images.dtype == torch.uint8 and images.shape[0] == 2 and max(images.shape[1:3]) <= 150  # max_side
@@ -82,7 +85,7 @@ def test_an_ohem_step_trains_on_at_most_b_rois_per_image(spp_workspace):
 
     cfg = load_config()
     p = dataclasses.replace(cfg.fast_rcnn, ohem_rois=5, roi_chunk=16)
-    batch = RoiBatches(_images(cfg), p, ohem=True, pad=(127, 127, 127))[0]
+    batch = RoiBatches(_images(cfg), p, every_roi=True, pad=(127, 127, 127))[0]
     assert len(batch["rois"]) > 2 * 16  # every candidate of both images
     model = _model(cfg).train()
     seen = []
@@ -162,6 +165,6 @@ def test_images_without_objects_give_background_rois_only(spp_workspace):
     cfg = load_config()
     images = [dataclasses.replace(i, rois=fast_rcnn_train.image_rois(i.rois.boxes, np.zeros((0, 4)), np.zeros(0), 0.5))
               for i in _images(cfg)]
-    batch = RoiBatches(images, cfg.fast_rcnn, ohem=False, pad=(127,) * 3)[0]
+    batch = RoiBatches(images, cfg.fast_rcnn, every_roi=False, pad=(127,) * 3)[0]
     assert len(batch["labels"]) > 0 and (batch["labels"] == 0).all()
     assert torch.isfinite(heuristic_step(cfg.fast_rcnn)(_model(cfg).train(), batch)[0])

@@ -32,7 +32,11 @@ from stages.table import TABLE
 SHARDS = (0,)
 FEATURE_RECIPES, FAST_MODELS = ("rcnn", "sppnet", "fast_rcnn_svm"), ("fast_rcnn", "fast_rcnn_ohem")
 FAST_RECIPES = (*FAST_MODELS, "fast_rcnn_svd", "fast_rcnn_ohem_svd")
-RECIPES = (*FEATURE_RECIPES, *FAST_RECIPES)  # every recipe
+FASTER_RECIPES = ("faster_rcnn", "faster_rcnn_joint")
+RECIPES = (*FEATURE_RECIPES, *FAST_RECIPES, *FASTER_RECIPES)  # every recipe
+# Faster R-CNN's alternating steps 4 to 6, all that a change of step 4's params reruns
+STEPS_4_TO_6 = ["rpn_train_4", *(f"rpn_proposals_4@{s}-{k}" for s in ("trainval", "test") for k in SHARDS),
+                "rpn_recall_4", "fast_rcnn_train_5", "faster_rcnn_detect@faster_rcnn", "evaluate@faster_rcnn"]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,10 @@ def test_a_stage_only_other_recipes_need_has_no_instance(tmp_path):
     needed = {stage.name for stage, _ in instances(TABLE, cfg)}
     assert {"spp_features", "spp_finetune", "spp_recache"} <= needed
     assert not {"finetune", "features", "fast_rcnn_train"} & needed
+    params["detect"]["recipes"] = ["faster_rcnn_joint"]  # its own proposals: no selective search
+    cfg = load_config(write_params(folder, params))
+    assert [stage.name for stage, _ in instances(TABLE, cfg)] == ["synthetic", "index", "faster_rcnn_joint",
+                                                                  "faster_rcnn_detect", "coco_gt", "evaluate"]
 
 
 def test_fast_rcnn_svm_runs_the_post_hoc_stages_on_the_trained_fast_rcnn_models_features(tmp_path, monkeypatch):
@@ -224,6 +232,9 @@ ALL = sorted(["synthetic", "index", "recall", "finetune", "spp_finetune", "coco_
               *(f"{name}@{r}" for name in ("svm", "bbox", "detect") for r in FEATURE_RECIPES),
               *(f"{name}@{m}" for name in ("fast_rcnn_train", "fast_rcnn_detect") for m in FAST_MODELS),
               *(f"fast_rcnn_recache@fast_rcnn-{s}-{k}" for s in ("trainval", "test") for k in SHARDS),
+              "rpn_train_1", "rpn_recall_2", "fast_rcnn_train_3", "faster_rcnn_joint",
+              *(f"rpn_proposals_2@{s}-{k}" for s in ("trainval", "test") for k in SHARDS), *STEPS_4_TO_6[:-2],
+              *(f"faster_rcnn_detect@{r}" for r in FASTER_RECIPES),
               *(f"evaluate@{r}" for r in RECIPES)])
 
 
@@ -251,10 +262,11 @@ def swap(projects: tuple[Path, Path]) -> tuple[list[str], list[str]]:
 def test_both_orchestrators_write_identical_artifacts(projects):
     dvc_dir, luigi_dir = projects
     dvc_artifacts = artifacts(dvc_dir)
-    # 2 index files, per split and shard proposals, R-CNN features, SPP pyramids, SPP-net and Fast R-CNN
-    # features, per feature recipe an SVM and a box regressor, per recipe detections (.h5 and .json), mAP and
-    # PR curve; 4 models and 4 curves (finetune, SPP-net, 2 Fast R-CNN), recall, the COCO ground truth
-    assert len(dvc_artifacts) == 2 + 5 * 2 * len(SHARDS) + 3 * 2 + 7 * 4 + 8 + 1 + 1
+    # 2 index files, per split and shard proposals (selective search's and 2 RPNs'), R-CNN features, SPP
+    # pyramids, SPP-net and Fast R-CNN features, per feature recipe an SVM and a box regressor, per recipe
+    # detections (.h5 and .json), mAP and PR curve; 9 models and 9 curves (finetune, SPP-net, 2 Fast R-CNN,
+    # the 4 alternating steps' and the joint one), 3 recall reports, the COCO ground truth
+    assert len(dvc_artifacts) == 2 + 7 * 2 * len(SHARDS) + 3 * 2 + 9 * 4 + 9 * 2 + 3 + 1
     assert dvc_artifacts == artifacts(luigi_dir)
     for recipe in RECIPES:
         mean_ap = json.loads((dvc_dir / layout.map_metrics(recipe)).read_text())
@@ -340,6 +352,10 @@ def test_a_parameter_change_reruns_exactly_its_dependents_under_either(projects)
         write_params(folder, params)
     expected = sorted([*(f"fast_rcnn_detect@{m}" for m in FAST_MODELS), *(f"evaluate@{r}" for r in FAST_RECIPES)])
     assert swap(projects) == (expected, expected)
+    params["faster_rcnn"]["step4"]["learning_rate"] = 0.001  # Faster R-CNN's step 4: it and what follows
+    for folder in projects:
+        write_params(folder, params)
+    assert swap(projects) == (sorted(STEPS_4_TO_6), sorted(STEPS_4_TO_6))
     assert swap(projects) == ([], [])
     assert artifacts(projects[0]) == artifacts(projects[1])
     params["runtime"]["num_workers"] = 1  # how to run, not what: nothing reruns

@@ -25,11 +25,17 @@ PARAMS_FILE = Path("params.yaml")
 # (fast_rcnn: hierarchical sampling, fast_rcnn_ohem: OHEM) and the "_svd" recipes are the same model with
 # its fc layers compressed by truncated SVD at test time. fast_rcnn_svm is a feature recipe whose cache
 # holds the trained fast_rcnn model's own features (stage fast_rcnn_recache): post-hoc SVMs on its fc7.
+# Faster R-CNN recipes propose their own regions (a region proposal network on the shared conv map):
+# faster_rcnn is trained in the paper's four alternating steps, faster_rcnn_joint by approximate joint training.
 Recipe = Literal["rcnn", "sppnet", "fast_rcnn", "fast_rcnn_ohem", "fast_rcnn_svd", "fast_rcnn_ohem_svd",
-                 "fast_rcnn_svm"]
+                 "fast_rcnn_svm", "faster_rcnn", "faster_rcnn_joint"]
 RECIPES: tuple[str, ...] = typing.get_args(Recipe)
 FEATURE_RECIPES = ("rcnn", "sppnet", "fast_rcnn_svm")
 FAST_RCNN_MODELS = {"fast_rcnn": "heuristic", "fast_rcnn_ohem": "ohem"}  # trained model -> its sampler
+FASTER_RCNN_RECIPES = ("faster_rcnn", "faster_rcnn_joint")
+# the detectors of Faster R-CNN's alternating steps 3 (m2) and 5 (the final faster_rcnn), by fast_rcnn_train's
+# hierarchical sampling on RPN proposals
+SAMPLERS = {**FAST_RCNN_MODELS, "m2": "heuristic", "faster_rcnn": "heuristic"}
 SVD_SUFFIX = "_svd"
 SVM_SUFFIX = "_svm"  # a feature recipe cached from a trained Fast R-CNN model: "<model>_svm"
 
@@ -330,6 +336,11 @@ class DetectParams:
         -> ``fast_rcnn``."""
         return _models_of(self.feature_recipes)
 
+    @property
+    def faster_rcnn_recipes(self) -> tuple[str, ...]:
+        """The Faster R-CNN recipes of ``recipes`` (``faster_rcnn_detect``)."""
+        return tuple(r for r in self.recipes if r in FASTER_RCNN_RECIPES)
+
 
 def _models_of(recipes: typing.Iterable[str]) -> tuple[str, ...]:
     """The distinct trained Fast R-CNN models of ``recipes``, in order of first use."""
@@ -405,6 +416,79 @@ class FastRcnnParams:
 
 
 @dataclass(frozen=True)
+class RpnSchedule:
+    """The SGD schedule of one region proposal network training step (``faster_rcnn.step1``, ``faster_rcnn.step4``)."""
+
+    iterations: int
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    lr_step: int
+    lr_gamma: float
+    warmup: int
+
+    def __post_init__(self) -> None:
+        if min(self.iterations, self.lr_step) < 1 or self.warmup < 0 or self.learning_rate <= 0:
+            raise ConfigError("iterations and lr_step must be at least 1, warmup at least 0, learning_rate positive")
+
+
+# What each Faster R-CNN stage reads (the stage table lists them as its dependencies): every RPN training the
+# first keys of faster_rcnn and these of fast_rcnn (the images, their batches, the network's layers), proposal
+# generation and test time the proposal keys.
+RPN_KEYS = ("anchor_sizes", "aspect_ratios", "fg_iou", "bg_iou", "anchors_per_image", "positive_fraction", "nms_iou",
+            "min_size", "train_pre_nms", "train_proposals")
+RPN_FAST_RCNN_KEYS = ("scales", "max_side", "mirror", "images_per_batch", "seed", "fg_iou", "pooling", "pool_size",
+                      "hidden", "dropout", "learn_from", "target_means", "target_stds")
+RPN_PROPOSAL_KEYS = ("nms_iou", "min_size", "train_pre_nms", "train_proposals", "test_pre_nms", "test_proposals")
+
+
+@dataclass(frozen=True)
+class FasterRcnnParams:
+    """Faster R-CNN's region proposal network (stages ``rpn_train_*``, ``rpn_proposals_*``, ``faster_rcnn_joint``,
+    ``faster_rcnn_detect``); the detector half is the ``fast_rcnn`` section's.
+
+    Anchors of every ``anchor_sizes`` x ``aspect_ratios`` (height / width) at each
+    cell of the stride-16 map, in pixels of the resized image. Training labels an
+    anchor foreground at IoU >= ``fg_iou`` with a ground truth (and each ground
+    truth's best anchor), background below ``bg_iou``, and samples
+    ``anchors_per_image`` with at most ``positive_fraction`` foreground. Proposals:
+    the ``*_pre_nms`` best-scoring boxes, those with a side under ``min_size``
+    removed, NMS at ``nms_iou``, the ``*_proposals`` best kept.
+    """
+
+    anchor_sizes: tuple[int, ...]
+    aspect_ratios: tuple[float, ...]
+    fg_iou: float
+    bg_iou: float
+    anchors_per_image: int
+    positive_fraction: float
+    nms_iou: float
+    min_size: float
+    train_pre_nms: int
+    train_proposals: int
+    test_pre_nms: int
+    test_proposals: int
+    step1: RpnSchedule
+    step4: RpnSchedule
+
+    def __post_init__(self) -> None:
+        if not self.anchor_sizes or min(self.anchor_sizes) < 1 or not self.aspect_ratios or min(self.aspect_ratios) <= 0:
+            raise ConfigError("anchor_sizes must be positive pixel sizes and aspect_ratios positive, both non-empty")
+        if not 0 <= self.bg_iou <= self.fg_iou <= 1 or not 0 < self.positive_fraction <= 1:
+            raise ConfigError(f"need 0 <= bg_iou <= fg_iou <= 1 and 0 < positive_fraction <= 1, got {self.bg_iou}, "
+                              f"{self.fg_iou}, {self.positive_fraction}")
+        if min(self.anchors_per_image, self.train_pre_nms, self.train_proposals, self.test_pre_nms,
+               self.test_proposals) < 1 or not 0 < self.nms_iou <= 1 or self.min_size < 0:
+            raise ConfigError("anchors_per_image and the proposal counts must be at least 1, 0 < nms_iou <= 1 "
+                              "and min_size >= 0")
+
+    def proposal_counts(self, training: bool) -> tuple[int, int]:
+        """``(pre-NMS, post-NMS)`` proposals per image: the training counts (the proposals a detector trains on)
+        or the test counts."""
+        return (self.train_pre_nms, self.train_proposals) if training else (self.test_pre_nms, self.test_proposals)
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """PASCAL VOC evaluation (stage ``evaluate``)."""
 
@@ -445,6 +529,7 @@ class Config:
     svm: SvmParams
     bbox: BboxParams
     fast_rcnn: FastRcnnParams
+    faster_rcnn: FasterRcnnParams
     detect: DetectParams
     evaluate: EvaluateParams
     runtime: RuntimeParams

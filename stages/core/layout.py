@@ -15,6 +15,7 @@ CACHE = Path("features_cache")
 SYNTHETIC = CACHE / "synthetic"
 INDEX = CACHE / "index"
 PROPOSALS = CACHE / "proposals"
+RPN_PROPOSALS = CACHE / "rpn_proposals"
 REPORTS = CACHE / "reports"
 PROPOSAL_METRICS = REPORTS / "proposals.json"
 FINETUNED_MODEL = CACHE / "finetune" / "model.pt"
@@ -32,6 +33,16 @@ def proposals_dir(split: str) -> Path:
     return PROPOSALS / split
 
 
+def rpn_proposals_dir(model: str, split: str) -> Path:
+    """Shards of region proposal network ``model``'s proposals (``m1``, ``m3``), in the selective-search shards'
+    format."""
+    return RPN_PROPOSALS / model / split
+
+
+def rpn_proposals_shard(model: str, split: str, shard: int) -> Path:
+    return shard_path(rpn_proposals_dir(model, split), shard)
+
+
 def proposals_shard(split: str, shard: int) -> Path:
     return shard_path(proposals_dir(split), shard)
 
@@ -41,8 +52,13 @@ def checkpoint_file(stage: str) -> Path:
     return CHECKPOINTS / f"{stage}.pt"
 
 
-def recall_curve(split: str) -> Path:
-    return REPORTS / f"recall_curve_{split}.csv"
+def recall_curve(split: str, source: str = "") -> Path:
+    """The recall curve of selective search's proposals (``source`` ``""``) or of an RPN's (``m1``, ``m3``)."""
+    return REPORTS / f"recall_curve_{f'rpn_{source}_' if source else ''}{split}.csv"
+
+
+def rpn_recall_metrics(model: str) -> Path:
+    return REPORTS / f"proposals_rpn_{model}.json"
 
 
 # --- feature caches and the post-hoc stages --------------------------------------------------
@@ -112,6 +128,20 @@ def fast_rcnn_model(model: str) -> Path:
 
 def fast_rcnn_curve(model: str) -> Path:
     return REPORTS / f"{model}_curve.csv"
+
+
+# --- Faster R-CNN: the four alternating steps' models (m1 ... m3, then the final faster_rcnn) and the joint one ----
+FASTER_RCNN = CACHE / "faster_rcnn"
+
+
+def faster_rcnn_model(model: str) -> Path:
+    """``m1`` (step 1's RPN), ``m2`` (step 3's detector), ``m3`` (step 4's RPN), ``faster_rcnn`` (step 5's detector
+    with m3's RPN: the final model) or ``faster_rcnn_joint``."""
+    return FASTER_RCNN / f"{model}.pt"
+
+
+def faster_rcnn_curve(model: str) -> Path:
+    return REPORTS / f"{model if model.startswith('faster_rcnn') else f'faster_rcnn_{model}'}_curve.csv"
 
 
 def map_metrics(recipe: str) -> Path:

@@ -11,8 +11,10 @@ module is the machinery every orchestrator shares:
   so no per-stage glue code exists that a code version could miss: a
   parameter named like a fan-out dimension gets the instance's value, one
   named like an input or output gets its path, one annotated with a params
-  dataclass gets that ``params.yaml`` section, and the names in
-  :data:`CONFIG_NAMES` get those keys.
+  dataclass gets that ``params.yaml`` section, the names in
+  :data:`CONFIG_NAMES` get those keys, and the entry's ``constants`` their
+  values (one module serving several entries: the steps of Faster R-CNN's
+  alternating training).
 """
 from __future__ import annotations
 
@@ -134,6 +136,7 @@ class Stage:
     module: str = field(default="")
     recipes: str = FAN_OUT["recipe"]  # the config attribute listing this stage's ``recipe`` values
     needed_by: tuple[str, ...] = ()  # the recipes whose results this stage serves; () = every recipe
+    constants: tuple[tuple[str, Any], ...] = ()  # (run() parameter, value) pairs fixed by this entry
 
     def needed(self, cfg: Config) -> bool:
         """Whether ``detect.recipes`` holds a recipe this stage serves: a stage no enabled recipe needs has no
@@ -206,7 +209,7 @@ def bindings(stage: Stage) -> dict[str, tuple[str, tuple[str, ...]]]:
     paths = {**stage.inputs(probe), **stage.outputs(probe)}
     keys = {}
     for name, param in inspect.signature(run).parameters.items():
-        if name in stage.fan_out or name in paths:
+        if name in stage.fan_out or name in paths or name in dict(stage.constants):
             continue
         if name in CONFIG_NAMES:
             keys[name] = CONFIG_NAMES[name]
@@ -226,6 +229,7 @@ def arguments(stage: Stage, cfg: Config, item: Mapping[str, Any]) -> dict[str, A
     values = {name: item[name] for name in stage.fan_out if name in names}
     values.update({name: path for name, path in paths.items() if name in names})
     values.update({name: resolve(cfg, attribute) for name, (attribute, _) in bindings(stage).items()})
+    values.update(stage.constants)
     return values
 
 

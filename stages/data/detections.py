@@ -84,6 +84,10 @@ class DetectionWriter:
             self.total += 1
         self._position += 1
 
+    def note(self, name: str, value: int | float | str) -> None:
+        """Record a fact known only at the end (a count) as an attribute of the HDF5 file."""
+        self._writer.file.attrs[name] = value
+
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self._results.write("\n]\n")

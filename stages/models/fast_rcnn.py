@@ -20,6 +20,13 @@ Test time (``fast_rcnn_detect``, and ``fast_rcnn_recache``, which caches the
 same pass's features for post-hoc SVMs) decodes each image resized for one
 conv pass (:func:`resized_images`), runs :func:`conv_pass`, and feeds the
 image's boxes as :func:`image_rois` through the head.
+
+:class:`FasterRcnn` adds a region proposal network on the same conv map
+(Ren et al., NIPS 2015), built of torchvision's parts: ``rpn_head`` (3x3 conv,
+then one objectness logit and four deltas per anchor: :class:`RPNHead`) and
+``anchor_generator`` (:class:`AnchorGenerator`), which
+:meth:`FasterRcnn.proposal_network` assembles into torchvision's
+:class:`RegionProposalNetwork` (anchor matching, sampling, loss, NMS).
 """
 from __future__ import annotations
 
@@ -33,8 +40,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FrozenBatchNorm2d, roi_align, roi_pool
 
+from stages.core.config import FasterRcnnParams
 from stages.core.device import autocast
 from stages.core.store import ArtifactError
 from stages.data.images import prefetch, scaled_images
@@ -82,7 +93,7 @@ class FastRcnn(nn.Module):
         backbone = build_backbone(arch, weights)
         self.arch, self.num_classes, self.pooling, self.pool_size = arch, num_classes, pooling, pool_size
         self.hidden_units, self.dropout = hidden, dropout
-        self.stride = backbone.stride
+        self.stride, self.channels = backbone.stride, backbone.feature_channels
         self.trunk = freeze_batch_norms(backbone.features)
         for module in list(self.trunk.children())[:learn_from]:
             module.requires_grad_(False)
@@ -154,6 +165,65 @@ class FastRcnn(nn.Module):
         return copied.eval()
 
 
+class FasterRcnn(FastRcnn):
+    """:class:`FastRcnn` with a region proposal network on its conv map: anchors of ``anchor_sizes`` x
+    ``aspect_ratios`` (height / width) pixels of the conv input at every cell."""
+
+    def __init__(self, *args, anchor_sizes: Sequence[int], aspect_ratios: Sequence[float], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.anchor_sizes, self.aspect_ratios = tuple(anchor_sizes), tuple(float(r) for r in aspect_ratios)
+        self.anchor_generator = AnchorGenerator((self.anchor_sizes,), (self.aspect_ratios,))
+        self.rpn_head = RPNHead(self.channels, len(self.anchor_sizes) * len(self.aspect_ratios))
+
+    def proposal_network(self, params: FasterRcnnParams, training: bool) -> RegionProposalNetwork:
+        """torchvision's RPN over this model's head and anchors, with ``params``' matching, sampling and NMS and
+        its training or test proposal counts (:meth:`FasterRcnnParams.proposal_counts`); in training mode when
+        ``self`` is (it then needs targets and returns losses)."""
+        pre_nms, post_nms = params.proposal_counts(training)
+        rpn = RegionProposalNetwork(
+            self.anchor_generator, self.rpn_head, params.fg_iou, params.bg_iou, params.anchors_per_image,
+            params.positive_fraction, {"training": pre_nms, "testing": pre_nms},
+            {"training": post_nms, "testing": post_nms}, params.nms_iou)
+        rpn.min_size = params.min_size
+        return rpn.train(self.training)
+
+    def propose(self, images: Tensor, conv: Tensor, sizes: Sequence[tuple[int, int]], params: FasterRcnnParams,
+                training: bool, gt_boxes: Sequence[Tensor] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Proposals ``(P_i, 4)`` of each image of a ``(B, H, W, 3)`` batch (``H``, ``W`` multiples of the stride,
+        :func:`pad_to_stride`) from its conv map, in resized-image pixels, best first and clipped to its
+        ``(height, width)``; with ``gt_boxes`` (one ``(G_i, 4)`` per image, training mode) also the RPN losses
+        ``loss_objectness`` and ``loss_rpn_box_reg``. The proposals carry no gradient (torchvision detaches them)."""
+        if images.shape[1] % self.stride or images.shape[2] % self.stride:
+            raise ValueError(f"images of {tuple(images.shape[1:3])} pixels: pad them to multiples of {self.stride}")
+        targets = None if gt_boxes is None else [{"boxes": boxes.float()} for boxes in gt_boxes]
+        # the image tensor only gives the anchors their stride (padded size / map size): a view, no copy
+        batch = ImageList(images.permute(0, 3, 1, 2), [tuple(int(v) for v in s) for s in sizes])
+        return self.proposal_network(params, training)(batch, {"0": conv.float()}, targets)
+
+
+def set_learning(model: FastRcnn, trunk_from: int | None, detector: bool, rpn: bool = False) -> None:
+    """Which parts of ``model`` learn: the conv trunk's modules from ``trunk_from`` on (``None``: none), the
+    detector's fc layers and outputs, and a :class:`FasterRcnn`'s RPN head."""
+    for k, module in enumerate(model.trunk.children()):
+        module.requires_grad_(trunk_from is not None and k >= trunk_from)
+    for part in (model.fc, model.cls_score, model.bbox_pred):
+        part.requires_grad_(detector)
+    if isinstance(model, FasterRcnn):
+        model.rpn_head.requires_grad_(rpn)
+
+
+def pad_to_stride(images: Tensor, stride: int, pad: Sequence[int]) -> Tensor:
+    """``(B, H, W, 3)`` uint8 images padded at the bottom and right with colour ``pad`` to multiples of ``stride``:
+    the conv map then covers exactly ``stride`` pixels per cell, as the anchors assume."""
+    height, width = (-(-side // stride) * stride for side in images.shape[1:3])
+    if (height, width) == tuple(images.shape[1:3]):
+        return images
+    padded = torch.empty((len(images), height, width, 3), dtype=images.dtype, device=images.device)
+    padded[:] = torch.tensor(pad, dtype=images.dtype, device=images.device)
+    padded[:, :images.shape[1], :images.shape[2]] = images
+    return padded
+
+
 # --- test time: one conv pass of the whole image -------------------------------------------------
 
 
@@ -174,6 +244,18 @@ def conv_pass(model: FastRcnn, image: Tensor, device: torch.device) -> Tensor:
         return model.conv(image.to(device, non_blocking=True)[None])
 
 
+def propose_image(model: FasterRcnn, image: Tensor, params: FasterRcnnParams, training_counts: bool,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """One ``(h, w, 3)`` uint8 resized image -> its ``(1, C, H, W)`` conv map and ``(P, 4)`` float32 RPN proposals
+    in its pixels, best first (eval mode; the training or test proposal counts). One conv pass serves both the
+    proposals and the detector's RoIs."""
+    images = pad_to_stride(image.to(device, non_blocking=True)[None], model.stride, model.pad_value)
+    with autocast(device):
+        conv = model.conv(images)
+    (boxes,), _ = model.propose(images, conv, [tuple(image.shape[:2])], params, training_counts)
+    return conv, boxes.float()
+
+
 def image_rois(boxes: np.ndarray, factor: float) -> Tensor:
     """``(M, 4)`` boxes in image pixels -> ``(M, 5)`` float32 RoIs ``0, x1, y1, x2, y2`` of the image resized by
     ``factor`` (the only image of its conv map)."""
@@ -182,24 +264,39 @@ def image_rois(boxes: np.ndarray, factor: float) -> Tensor:
 
 
 def model_file(model: FastRcnn, classes: list[str], learn_from: int) -> dict:
-    """What a Fast R-CNN model file holds besides its state dict and provenance: enough to rebuild it."""
-    return {
+    """What a Fast (or Faster) R-CNN model file holds besides its state dict and provenance: enough to rebuild it."""
+    described = {
         "arch": model.arch, "classes": classes, "num_classes": model.num_classes, "pooling": model.pooling,
         "pool_size": model.pool_size, "hidden": model.hidden_units, "dropout": model.dropout,
         "learn_from": learn_from, "target_means": model.target_means.tolist(),
         "target_stds": model.target_stds.tolist(),
     }
+    if isinstance(model, FasterRcnn):
+        described.update(anchor_sizes=list(model.anchor_sizes), aspect_ratios=list(model.aspect_ratios))
+    return described
+
+
+def build_model(described: dict, weights: str = "random") -> FastRcnn:
+    """The network :func:`model_file` describes (a :class:`FasterRcnn` if it has anchors), initialised with the
+    backbone's ``weights`` and torch's random draws."""
+    args = (described["arch"], described["num_classes"], described["pooling"], described["pool_size"],
+            described["hidden"], described["dropout"], described["learn_from"], described["target_means"],
+            described["target_stds"])
+    if "anchor_sizes" in described:
+        return FasterRcnn(*args, weights=weights, anchor_sizes=described["anchor_sizes"],
+                          aspect_ratios=described["aspect_ratios"])
+    return FastRcnn(*args, weights=weights)
 
 
 def load_fast_rcnn(path: str | Path) -> FastRcnn:
-    """The model saved by ``fast_rcnn_train``, on the CPU in eval mode, with ``classes`` set."""
+    """The model saved by ``fast_rcnn_train`` (or a Faster R-CNN stage: then a :class:`FasterRcnn`), on the CPU in
+    eval mode, with ``classes`` set."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: Fast R-CNN model not found (run the fast_rcnn_train stage first)")
+        raise ArtifactError(f"{path}: Fast R-CNN model not found (run the stage that trains it first)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = FastRcnn(saved["arch"], saved["num_classes"], saved["pooling"], saved["pool_size"], saved["hidden"],
-                         saved["dropout"], saved["learn_from"], saved["target_means"], saved["target_stds"])
+        model = build_model(saved)
         model.load_state_dict(saved["state_dict"], strict=True)
     except (KeyError, RuntimeError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: not a Fast R-CNN model file of this pipeline ({exc})") from None

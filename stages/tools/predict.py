@@ -21,6 +21,10 @@ the stages' own functions (no cache is read or written):
    (:func:`stages.detect.detect_regions`), then every recipe's NMS and caps
    (the ``detect`` params).
 
+``faster_rcnn`` and ``faster_rcnn_joint`` skip selective search: one conv pass
+gives the RPN's proposals and the RoI head's detections
+(:mod:`stages.faster_rcnn_detect`).
+
 Features are stored in ``features.precision`` as the caches store them, so an
 image of the test split gets the detections the pipeline's test run gave it;
 R-CNN's may differ in the last bits, because a region's features depend on the
@@ -48,7 +52,7 @@ from tqdm import tqdm
 from stages import detect, fast_rcnn_detect
 from stages.core import layout
 from stages.core.atomic import write_text
-from stages.core.config import FEATURE_RECIPES, SVD_SUFFIX, Config, trained_model
+from stages.core.config import FASTER_RCNN_RECIPES, FEATURE_RECIPES, SVD_SUFFIX, Config, trained_model
 from stages.core.device import pick_device
 from stages.core.errors import PipelineError
 from stages.core.provenance import file_digest
@@ -64,6 +68,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # (image file, decoded (H, W, 3) image, (M, 4) proposals) -> feature rows, or the detections themselves
 ImageFunction = Callable[[Path, np.ndarray, np.ndarray], dict[str, np.ndarray]]
+# (image file, decoded image) -> its detections and its number of proposals
+ImageDetector = Callable[[Path, np.ndarray], tuple[dict[str, np.ndarray], int]]
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
@@ -90,6 +96,8 @@ def image_files(inputs: list[Path]) -> list[Path]:
 
 def model_files(cfg: Config, recipe: str) -> list[Path]:
     """The trained model files recipe ``recipe`` reads at test time under ``cfg``."""
+    if recipe in FASTER_RCNN_RECIPES:
+        return [layout.faster_rcnn_model(recipe)]
     if recipe not in FEATURE_RECIPES:
         return [layout.fast_rcnn_model(trained_model(recipe))]
     network = {"rcnn": [layout.FINETUNED_MODEL] if cfg.features.model == "finetuned" else [],
@@ -195,6 +203,42 @@ def detector(cfg: Config, recipe: str, classes: list[str], device: torch.device)
     return detect_fast
 
 
+def faster_rcnn_detector(cfg: Config, recipe: str, classes: list[str], device: torch.device) -> ImageDetector:
+    """The detections of one image by Faster R-CNN recipe ``recipe``, from its own proposals."""
+    from stages.faster_rcnn_detect import image_detections, image_proposals
+    from stages.rpn_proposals import load_rpn
+
+    model = load_rpn(layout.faster_rcnn_model(recipe))
+    if model.classes != classes:
+        raise ArtifactError(f"{layout.faster_rcnn_model(recipe)}: trained for classes {model.classes}, not the "
+                            f"index's {classes} (stale model; rerun its training stage)")
+    model.to(device)
+    fast = cfg.fast_rcnn
+
+    def detect_image(path: Path, image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        (resized,), (factor,) = scaled_images(path, fast.scales[:1], fast.max_side, pin=device.type == "cuda")
+        conv, boxes = image_proposals(model, resized, factor, cfg.faster_rcnn, device)
+        return image_detections(model, conv, boxes, factor, image_size(image), cfg.detect, fast.roi_chunk), len(boxes)
+
+    return detect_image
+
+
+def image_detector(cfg: Config, recipe: str, classes: list[str], device: torch.device) -> ImageDetector:
+    """The recipe's detections of one image and its number of proposals: selective search's then
+    :func:`detector`'s, or a Faster R-CNN's own."""
+    from stages.proposals import image_seed, selective_search
+
+    if recipe in FASTER_RCNN_RECIPES:
+        return faster_rcnn_detector(cfg, recipe, classes, device)
+    detect_boxes = detector(cfg, recipe, classes, device)
+
+    def detect_image(path: Path, image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        boxes = selective_search(image, cfg.proposals, image_seed(cfg.proposals.seed, path.stem))
+        return (detect_boxes(path, image, boxes) if len(boxes) else no_detections(image, cfg)), len(boxes)
+
+    return detect_image
+
+
 def image_size(image: np.ndarray) -> tuple[int, int]:
     """``(width, height)`` of an ``(H, W, 3)`` image."""
     return image.shape[1], image.shape[0]
@@ -208,21 +252,18 @@ def no_detections(image: np.ndarray, cfg: Config) -> dict[str, np.ndarray]:
 def run(cfg: Config, recipe: str, inputs: list[Path], out_dir: Path, min_score: float) -> dict[str, int]:
     """Detect with ``recipe`` in every image of ``inputs``; write ``out_dir``'s files. Returns the counts of
     images, of images without proposals and of detections."""
-    from stages.proposals import image_seed, selective_search
-
     files = image_files(inputs)
     with PerImageReader([layout.index_file(cfg.data.train_split)]) as index:
         classes = [str(c) for c in index.json_attr("classes")]
     device = pick_device()
-    detect_image = detector(cfg, recipe, classes, device)
+    detect_image = image_detector(cfg, recipe, classes, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, images, without_proposals = [], [], 0
     with torch.inference_mode():
         for position, path in enumerate(tqdm(files, desc=f"predict {recipe}", unit="img")):
             image = load_image(path)
-            boxes = selective_search(image, cfg.proposals, image_seed(cfg.proposals.seed, path.stem))
-            without_proposals += len(boxes) == 0
-            found = detect_image(path, image, boxes) if len(boxes) else no_detections(image, cfg)
+            found, proposals = detect_image(path, image)
+            without_proposals += proposals == 0
             results += coco.result_entries(position, str(path), found, classes)
             images.append({"id": coco.image_id(position), "file_name": str(path), "width": image.shape[1],
                            "height": image.shape[0]})
