@@ -291,6 +291,22 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEER_ROW = "torchvision Faster R-CNN, same backbone, same training time (peer)"
+
+
+def peer_row(base: Path, seconds: float) -> dict:
+    """The peer (:mod:`bench.peer`) trained in the full run's folder for ``seconds``, as a velocities row."""
+    env = {**os.environ, "PYTHONPATH": f"{base}{os.pathsep}{REPO}"}
+    print(f"torchvision peer for {seconds:.0f} s ...", flush=True)
+    subprocess.run([sys.executable, "-m", "bench.peer", "--seconds", str(seconds)], cwd=base, env=env, check=True)
+    summary = json.loads((base / "features_cache" / "peer" / "summary.json").read_text())
+    return {"variant": PEER_ROW, "mAP (VOC07 11-pt)": 100 * summary["mAP_voc07"],
+            "mAP (VOC2010+)": 100 * summary["mAP_voc2010"], "proposals": "RPN (torchvision's defaults)",
+            "train s": seconds, "SVM stage s": None, "SVM fitting s": None,
+            "test s/img": summary["test_seconds_per_image"],
+            "test s/img with proposals": summary["test_seconds_per_image"]}
+
+
 def plot_velocities(rows: list[dict], path: Path, dataset: str) -> None:
     """Test seconds per image (proposals included, log scale) against mAP (VOC07), one point per variant."""
     import matplotlib
@@ -387,6 +403,8 @@ def main(argv: list[str] | None = None) -> str:
                 if args.velocities:
                     measured = velocity_row(measured, folder, recipe, times, base_times, test_split)
                 per_seed[name].append(measured)
+        if args.velocities and "faster_rcnn" in base_params["detect"]["recipes"]:
+            per_seed[PEER_ROW] = [peer_row(scratch / "base", per_seed[VELOCITIES[5]][0]["train s"])]
     finally:
         if not args.workdir:
             shutil.rmtree(scratch, ignore_errors=True)

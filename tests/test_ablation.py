@@ -194,9 +194,20 @@ def test_one_seed_gives_the_table_without_spread(tmp_path, fake_runs):
         "mean": pytest.approx(85.0), "std": None, "per_seed": [pytest.approx(85.0)]}
 
 
-def test_velocities_train_every_recipe_in_the_full_run_and_plot_seconds_against_map(tmp_path, fake_runs):
+def test_velocities_train_every_recipe_in_the_full_run_and_plot_seconds_against_map(tmp_path, fake_runs, monkeypatch):
     out = tmp_path / "velocities.md"
+    trained_for = []
+
+    def fake_peer(base, seconds):
+        trained_for.append((base.name, seconds))
+        return {"variant": ablation.PEER_ROW, "mAP (VOC07 11-pt)": 80.0, "mAP (VOC2010+)": 81.0, "proposals": "RPN",
+                "train s": seconds, "SVM stage s": None, "SVM fitting s": None, "test s/img": 0.5,
+                "test s/img with proposals": 0.5}
+
+    monkeypatch.setattr(ablation, "peer_row", fake_peer)
     report = ablation.main(["--velocities", "--report", str(out)])
+    assert trained_for == [("base", 0.0)]  # as long as the alternating training took (the fake: no time)
+    assert f"| {ablation.PEER_ROW} | 80.0 | 81.0 | RPN | 0.00 | - | - | 0.50 | 0.50 |" in report.splitlines()
     assert len(fake_runs) == 1 + len(VELOCITIES)
     lines = report.splitlines()
     assert "| Faster R-CNN (approximate joint training) | 90.0 | 91.0 | RPN 300 | 0.00 | - | - | 0.25 | 0.25 |" in lines
