@@ -121,5 +121,5 @@ def test_a_model_of_other_classes_is_stale_and_a_missing_one_names_its_stage(spp
         recache(cfg, split, 0)
     assert not layout.features_shard(RECIPE, split, 0).exists()
     layout.fast_rcnn_model(MODEL).unlink()
-    with pytest.raises(ArtifactError, match="run the fast_rcnn_train stage first"):
+    with pytest.raises(ArtifactError, match="run the stage that trains it first: fast_rcnn_train"):
         recache(cfg, split, 0)

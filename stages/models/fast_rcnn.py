@@ -293,7 +293,8 @@ def load_fast_rcnn(path: str | Path) -> FastRcnn:
     eval mode, with ``classes`` set."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: Fast R-CNN model not found (run the stage that trains it first)")
+        raise ArtifactError(f"{path}: Fast R-CNN model not found (run the stage that trains it first: "
+                            "fast_rcnn_train, or for features_cache/faster_rcnn/ a Faster R-CNN stage)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = build_model(saved)

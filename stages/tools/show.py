@@ -49,7 +49,7 @@ def run(splits: tuple[str, ...], num_shards: int, image_id: str, out: Path | Non
 def _draw_detections(ax, recipe: str, image_id: str, classes: list[str], min_score: float) -> str:
     path = detections_file(recipe)
     if not path.is_file():
-        raise PipelineError(f"{path}: no detections of recipe {recipe!r} (run its detection stage first: detect or fast_rcnn_detect)")
+        raise PipelineError(f"{path}: no detections of recipe {recipe!r} (run its detection stage first: detect, fast_rcnn_detect or faster_rcnn_detect)")
     with PerImageReader([path]) as detections:
         if image_id not in detections.image_ids:
             raise PipelineError(f"image {image_id!r} is not in {path} (detections cover the test split)")
