@@ -89,7 +89,7 @@ def run(
     num_workers: int = 0,
 ) -> None:
     """Detect with Fast R-CNN model ``recipe`` on ``test_split``: detections of the full and the SVD head."""
-    model = load_fast_rcnn(model_path)
+    model = load_fast_rcnn(model_path, folded=True)
     heads = {recipe: model, recipe + SVD_SUFFIX: model.compressed(fast_rcnn.svd_ranks)}
     device = pick_device()
     for head in heads.values():

@@ -8,7 +8,7 @@ from torchvision.ops import FrozenBatchNorm2d, roi_pool
 
 from stages.core.engine import write_torch
 from stages.core.store import ArtifactError
-from stages.models.fast_rcnn import FastRcnn, load_fast_rcnn, model_file
+from stages.models.fast_rcnn import FastRcnn, fold_batch_norms, load_fast_rcnn, model_file
 from stages.ops.spp import pyramid_pool
 
 
@@ -76,6 +76,23 @@ def test_full_rank_svd_copy_detects_as_the_original():
     assert model.compressed([]).fc[0].weight.equal(model.fc[0].weight)
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet50"])
+def test_folding_the_batch_norms_keeps_the_conv_map_and_leaves_none(arch):
+    model = _model(arch=arch)
+    for norm in model.trunk.modules():
+        if isinstance(norm, FrozenBatchNorm2d):  # statistics far from the identity, so a wrong fold shows
+            for buffer in (norm.weight, norm.bias, norm.running_mean):
+                buffer.copy_(torch.randn_like(buffer))
+            norm.running_var.copy_(torch.rand_like(norm.running_var) + 0.5)
+    images = torch.randint(0, 256, (1, 48, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = model.conv(images)
+        fold_batch_norms(model.trunk)
+        folded = model.conv(images)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.trunk.modules())
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def test_model_file_round_trip_and_bad_files(tmp_path):
     model = _model()
     path = tmp_path / "m.pt"
@@ -84,6 +101,8 @@ def test_model_file_round_trip_and_bad_files(tmp_path):
     assert loaded.classes == ["a", "b", "c"] and not loaded.training
     for name, value in model.state_dict().items():
         assert loaded.state_dict()[name].equal(value), name
+    folded = load_fast_rcnn(path, folded=True)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.trunk.modules())
     with pytest.raises(ArtifactError, match="not found"):
         load_fast_rcnn(tmp_path / "missing.pt")
     torch.save({"arch": "efficientnet_lite0"}, tmp_path / "bad.pt")

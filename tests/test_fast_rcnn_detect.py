@@ -77,7 +77,7 @@ def test_a_model_of_other_classes_is_a_stale_model(spp_workspace, monkeypatch):
     cfg = load_config()
     model = fast_rcnn_train.FastRcnn(cfg.finetune.arch, 1, "roi_pool", 2, 8, 0.0, 0, [0.0] * 4, [1.0] * 4)
     model.classes = ["other"]
-    monkeypatch.setattr(fast_rcnn_detect, "load_fast_rcnn", lambda path: model.eval())
+    monkeypatch.setattr(fast_rcnn_detect, "load_fast_rcnn", lambda path, folded=False: model.eval())
     out = [layout.detections_file("fast_rcnn"), layout.coco_detections("fast_rcnn"),
            layout.detections_file("fast_rcnn_svd"), layout.coco_detections("fast_rcnn_svd")]
     with pytest.raises(ArtifactError, match="stale model; rerun fast_rcnn_train"):
