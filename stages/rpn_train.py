@@ -18,9 +18,10 @@ Mini-batches are Fast R-CNN's (:class:`stages.fast_rcnn_train.RoiBatches`:
 ``fast_rcnn.images_per_batch`` images, mirrored and resized as the detector's,
 seeded by ``fast_rcnn.seed``) with the ground-truth boxes, difficult ones
 included, as their only candidates, padded to multiples of the stride. The SGD
-schedule is the step's (``faster_rcnn.step1``, ``step4``). The curve's
-``accuracy`` column is the training proposals' recall: the share of the batch's
-ground-truth boxes with a proposal at IoU >= 0.5.
+schedule is the step's (``faster_rcnn.step1``, ``step4``). A step computes the
+losses alone, no proposals (:meth:`FasterRcnn.rpn_losses`). The curve's
+``accuracy`` column is the objectness' balanced accuracy over the labelled
+anchors: the mean of the foreground's and the background's recall.
 
 Output: the model file (:func:`stages.models.fast_rcnn.model_file` with the
 anchors, ``state_dict`` and provenance), read by
@@ -33,7 +34,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from stages.core.config import (RPN_FAST_RCNN_KEYS, RPN_KEYS, FasterRcnnParams, FastRcnnParams, FinetuneParams,
                                 as_dict)
@@ -43,8 +43,6 @@ from stages.core.provenance import code_version, file_digest
 from stages.core.store import ArtifactError, PerImageReader
 from stages.fast_rcnn_train import RoiBatches, TrainingImage, collect_images
 from stages.models.fast_rcnn import FasterRcnn, build_model, model_file, set_learning
-
-MATCH_IOU = 0.5  # the curve's recall threshold
 
 
 def ground_truth_images(train_split: str, fg_iou: float) -> tuple[list[str], list[TrainingImage]]:
@@ -61,20 +59,13 @@ def batch_ground_truth(batch: dict[str, Any]) -> tuple[list[Tensor], list[Tensor
     return [batch["rois"][rows, 1:] for rows in chosen], [batch["labels"][rows] for rows in chosen]
 
 
-def proposal_recall(proposals: list[Tensor], gt_boxes: list[Tensor]) -> Tensor:
-    """The share of the ground-truth boxes with a proposal of their image at IoU >= :data:`MATCH_IOU` (1 if none)."""
-    found = [box_iou(gt, boxes).amax(1) >= MATCH_IOU
-             for gt, boxes in zip(gt_boxes, proposals) if len(gt) and len(boxes)]
-    total = sum(len(gt) for gt in gt_boxes)
-    return torch.tensor(sum(int(f.sum()) for f in found) / total if total else 1.0)
-
-
 def rpn_step(params: FasterRcnnParams):
-    """The engine's step: the RPN loss (objectness plus box regression) of a batch, and its proposals' recall."""
+    """The engine's step: the RPN loss (objectness plus box regression) of a batch and the objectness' balanced
+    accuracy over its labelled anchors (:meth:`FasterRcnn.rpn_losses`: no proposals drawn)."""
     def step(model: FasterRcnn, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         images, (gt_boxes, _) = batch["images"], batch_ground_truth(batch)
-        proposals, losses = model.propose(images, model.conv(images), batch["sizes"].tolist(), params, True, gt_boxes)
-        return losses["loss_objectness"] + losses["loss_rpn_box_reg"], proposal_recall(proposals, gt_boxes)
+        losses, accuracy = model.rpn_losses(images, model.conv(images), batch["sizes"].tolist(), params, gt_boxes)
+        return losses["loss_objectness"] + losses["loss_rpn_box_reg"], accuracy
 
     return step
 

@@ -107,3 +107,32 @@ def test_a_faster_rcnn_model_file_rebuilds_the_same_network(tmp_path):
     assert (loaded.anchor_sizes, loaded.aspect_ratios) == ((24, 48), (0.5, 2.0))
     conv = torch.randn(1, model.channels, 4, 4)
     torch.testing.assert_close(loaded.rpn_head([conv]), model.rpn_head([conv]))
+
+
+def _training_batch(model: FasterRcnn):
+    images = pad_to_stride(torch.randint(0, 255, (2, 60, 90, 3), dtype=torch.uint8), model.stride, model.pad_value)
+    gt = [torch.tensor([[10, 10, 40, 30], [50, 5, 80, 50]], dtype=torch.float32),
+          torch.tensor([[0, 0, 20, 20]], dtype=torch.float32)]
+    return images, model.conv(images), [(60, 90), (60, 90)], gt
+
+
+def test_rpn_losses_are_the_full_rpns_without_its_proposals(params):
+    model = _model().train()
+    images, conv, sizes, gt = _training_batch(model)
+    torch.manual_seed(1)  # the anchor sample draws from torch's generator: the same draws for both
+    _, full = model.propose(images, conv, sizes, params, True, gt)
+    torch.manual_seed(1)
+    losses, _ = model.rpn_losses(images, conv, sizes, params, gt)
+    assert set(losses) == set(full) == {"loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.equal(losses[k], full[k]) for k in full) and losses["loss_objectness"].requires_grad
+
+
+def test_an_rpn_that_calls_every_anchor_an_object_has_balanced_accuracy_one_half(params):
+    model = _model().train()
+    images, conv, sizes, gt = _training_batch(model)
+    for sign in (1.0, -1.0):  # every anchor foreground, then every anchor background
+        with torch.no_grad():
+            model.rpn_head.cls_logits.weight.zero_()
+            model.rpn_head.cls_logits.bias.fill_(sign * 10)
+        _, accuracy = model.rpn_losses(images, conv, sizes, params, gt)
+        assert accuracy.item() == 0.5  # one side's recall 1, the other's 0
