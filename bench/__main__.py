@@ -1,5 +1,6 @@
 """Run every benchmark: ``python -m bench`` (the ablation table is ``python -m bench.ablation``)."""
-from bench import bench_features, bench_luigi_workers, bench_proposal_settings, bench_proposals, bench_spp
+from bench import (bench_features, bench_kernels, bench_luigi_workers, bench_proposal_settings, bench_proposals,
+                   bench_spp)
 
 if __name__ == "__main__":
     bench_proposals.main()
@@ -7,3 +8,4 @@ if __name__ == "__main__":
     bench_proposal_settings.main()
     bench_features.main()
     bench_spp.main()
+    bench_kernels.main()

@@ -1,0 +1,8 @@
+"""The stages of the R-CNN family (one module each, ``run(...)`` their entry) and what they share.
+
+Importing the package pins the CPU kernels (:mod:`stages.core.kernels`) before any of its modules loads numpy,
+whose OpenBLAS reads its pin only then.
+"""
+from stages.core.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()

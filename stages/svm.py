@@ -72,12 +72,12 @@ from typing import Any
 
 import numpy as np
 from sklearn.svm import LinearSVC
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from stages.core import runs
 from stages.core.atomic import write_text
 from stages.core.config import SvmParams, as_dict
+from stages.core.kernels import one_blas_thread
 from stages.core.provenance import code_version, file_digest
 from stages.data.featureset import FeatureSet, feature_scale
 from stages.models.svm import SvmError, SvmModel, scale_features
@@ -294,7 +294,7 @@ def mine(task: MiningTask) -> list[ClassResult]:
               for c, p in zip(task.class_indices, task.positives)]
     passes = params.passes if params.mining else 1
     names = ",".join(str(c) for c in task.class_indices)
-    with threadpool_limits(limits=1), FeatureSet(task.recipe, task.split, task.num_shards) as features:
+    with one_blas_thread(), FeatureSet(task.recipe, task.split, task.num_shards) as features:
         for p in range(passes):
             order = image_order(len(features), params.seed, p)
             for step, i in enumerate(tqdm(order, desc=f"svm classes {names} pass {p + 1}/{passes}",

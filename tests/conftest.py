@@ -8,16 +8,22 @@ from pathlib import Path
 
 import pytest
 
+# The test process computes as every stage run does, as its subprocesses do: a stage run in-process and one in a
+# child process (a killed and resumed run, say) must round alike. Importing stages pins the CPU kernels; it comes
+# first, before numpy loads (stages.core.kernels).
+import stages  # noqa: I001
 from helpers import Processes, run_spp, spp_config, tiny_params, write_params
 
 from stages import index, proposals, synthetic
 from stages.core import layout
 from stages.core.config import Config, load_config
-from stages.core.stage import pin_cpu_kernels
+from stages.core.kernels import one_blas_thread
 
-# The test process computes with the CPU kernels every stage run gets, as its subprocesses do: a stage
-# run in-process and one in a child process (a killed and resumed run, say) must round alike.
-pin_cpu_kernels()
+
+@pytest.fixture(scope="session", autouse=True)
+def one_blas_thread_as_in_stage_runs():
+    with one_blas_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

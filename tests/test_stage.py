@@ -1,14 +1,17 @@
-"""The binding of stage arguments and the CPU-kernel pins every stage run gets (stages/core/stage.py)."""
+"""The binding of stage arguments, and the CPU kernels every stage run gets (stages/core/stage.py)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
+from threadpoolctl import threadpool_info, threadpool_limits
+
 from helpers import REPO
 from stages.core import stage
 from stages.core.config import load_config
-from stages.core.stage import PINNED_CPU_KERNELS, Refs, Stage, arguments, bindings, metrics, pin_cpu_kernels
+from stages.core.kernels import PINNED_CPU_KERNELS
+from stages.core.stage import Refs, Stage, arguments, bindings, metrics
 
 
 @pytest.fixture(scope="module")
@@ -16,30 +19,20 @@ def repo_config():
     return load_config(REPO / "params.yaml")
 
 
-def test_the_test_process_runs_pinned():
-    assert all(os.environ.get(name) == value for name, value in PINNED_CPU_KERNELS.items())
-
-
-def test_pins_are_set_unless_the_environment_sets_them(monkeypatch):
+def test_call_pins_the_kernels_and_runs_blas_on_one_thread(monkeypatch, repo_config):
+    seen, blas_threads = {}, []
     for name in PINNED_CPU_KERNELS:
         monkeypatch.delenv(name)  # set for the session (conftest): restored after the test
-    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
-    pin_cpu_kernels()
-    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2" and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
-    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
-
-
-def test_call_pins_the_kernels_before_the_stage_runs(monkeypatch, repo_config):
-    seen = {}
-    for name in PINNED_CPU_KERNELS:
-        monkeypatch.delenv(name)
     recall = Stage(name="recall", help="", outputs=lambda r: {"metrics_path": metrics("m.json")})
     def run(splits, num_shards, metrics_path):  # recall's parameters: what the environment is when it runs
         seen.update(os.environ)
+        blas_threads.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
 
     monkeypatch.setattr(Stage, "entry", lambda self: run)
-    stage.call(recall, repo_config, {})
+    with threadpool_limits(limits=2, user_api="blas"):
+        stage.call(recall, repo_config, {})
     assert all(seen[name] == value for name, value in PINNED_CPU_KERNELS.items())
+    assert blas_threads and set(blas_threads) == {1}
 
 
 def test_arguments_bind_by_name_and_type(repo_config):

@@ -22,13 +22,13 @@ import dataclasses
 import importlib
 import inspect
 import itertools
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 from stages.core.config import Config
+from stages.core.kernels import one_blas_thread, pin_cpu_kernels, require_pinned_blas
 
 # fan-out dimension -> the params key listing its values
 FAN_OUT = {"split": "data.splits", "shard": "sharding.shards", "recipe": "detect.recipes"}
@@ -44,12 +44,6 @@ CONFIG_NAMES = {
 }
 # the params section that is no stage's dependency: how to run, never what
 RUNTIME = "runtime"
-# One instruction set for the CPU kernels on every x86-64 machine. oneDNN (convolutions) and MKL (matrix
-# products) otherwise choose AVX-512 or AVX2 code by the CPU they run on, and the two round differently: a
-# fine-tuned model, and everything downstream of it, then depends on the machine. AVX2 is the newest set that
-# every machine of this kind has; both libraries read these variables when first used, so setting them before a
-# stage runs is early enough. An environment that sets them already wins (at the cost of that guarantee).
-PINNED_CPU_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 @dataclass(frozen=True)
@@ -233,13 +227,10 @@ def arguments(stage: Stage, cfg: Config, item: Mapping[str, Any]) -> dict[str, A
     return values
 
 
-def pin_cpu_kernels() -> None:
-    """Set :data:`PINNED_CPU_KERNELS` in the environment unless it sets them already."""
-    for name, value in PINNED_CPU_KERNELS.items():
-        os.environ.setdefault(name, value)
-
-
 def call(stage: Stage, cfg: Config, item: Mapping[str, Any]) -> None:
-    """Run one stage instance in this process, CPU kernels pinned (:data:`PINNED_CPU_KERNELS`)."""
+    """Run one stage instance in this process, its CPU kernels pinned and numpy's BLAS on one thread
+    (:mod:`stages.core.kernels`)."""
     pin_cpu_kernels()
-    stage.entry()(**arguments(stage, cfg, item))
+    require_pinned_blas()
+    with one_blas_thread():
+        stage.entry()(**arguments(stage, cfg, item))
