@@ -36,11 +36,11 @@ from stages.core.stage import arguments
 from stages.table import TABLE
 
 cfg, seconds = load_config(), {}
-for name in sys.argv[2:]:
+for name in sys.argv[3:]:
     stage = next(s for s in TABLE if s.name == name)
     start = time.perf_counter()
     with one_blas_thread() if sys.argv[1] == "pinned" else contextlib.nullcontext():
-        stage.entry()(**arguments(stage, cfg, {"recipe": "rcnn"}))
+        stage.entry()(**arguments(stage, cfg, {"recipe": sys.argv[2]}))
     seconds[name] = time.perf_counter() - start
 print(json.dumps(seconds))
 """
@@ -54,14 +54,18 @@ def native_kernels() -> str:
                           check=True).stdout.strip()
 
 
-def scratch_copy(folder: Path) -> None:
-    """params.yaml, the index and the R-CNN features of the repository, for the stages to read."""
+def scratch_copy(folder: Path) -> bool:
+    """params.yaml, the index and the R-CNN features of the repository, for the stages to read; ``False``
+    (and why printed) when the repository has none yet."""
+    parts = (layout.INDEX, layout.CACHE / "features" / RECIPE, layout.SYNTHETIC)
+    missing = [str(part) for part in parts if not (REPO / part).is_dir()]
+    if missing:
+        print(f"{', '.join(missing)} not found: run `make run` first (the default pipeline writes them); skipped")
+        return False
     shutil.copy(REPO / "params.yaml", folder)
-    for part in (layout.INDEX, layout.CACHE / "features" / RECIPE, layout.SYNTHETIC):
-        source = REPO / part
-        if not source.is_dir():
-            raise SystemExit(f"{source} not found: run `make run` first (the default pipeline writes it)")
-        shutil.copytree(source, folder / part)
+    for part in parts:
+        shutil.copytree(REPO / part, folder / part)
+    return True
 
 
 def outputs_digest(folder: Path) -> str:
@@ -71,7 +75,7 @@ def outputs_digest(folder: Path) -> str:
 
 def run_once(folder: Path, setting: str, coretype: str) -> tuple[dict[str, float], str]:
     env = {**os.environ, "OPENBLAS_CORETYPE": coretype, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", DRIVER, setting, *STAGES], cwd=folder, env=env, check=True,
+    done = subprocess.run([sys.executable, "-c", DRIVER, setting, RECIPE, *STAGES], cwd=folder, env=env, check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1]), outputs_digest(folder)
 
@@ -80,12 +84,13 @@ def main() -> None:
     from stages.core.kernels import PINNED_CPU_KERNELS
 
     settings = {"native": native_kernels(), "pinned": PINNED_CPU_KERNELS["OPENBLAS_CORETYPE"]}
-    print(f"OpenBLAS kernels: native {settings['native']}, pinned {settings['pinned']}; {ROUNDS} rounds each")
     seconds: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
     digests: dict[str, set[str]] = {name: set() for name in settings}
     with tempfile.TemporaryDirectory(prefix="rcnn-bench-kernels-") as scratch:
         folder = Path(scratch)
-        scratch_copy(folder)
+        if not scratch_copy(folder):
+            return
+        print(f"OpenBLAS kernels: native {settings['native']}, pinned {settings['pinned']}; {ROUNDS} rounds each")
         for _ in range(ROUNDS):
             for name, coretype in settings.items():
                 timed, digest = run_once(folder, name, coretype)
