@@ -80,6 +80,25 @@ def test_lite0_pads_like_tensorflow(lite0: Backbone):
     assert torch.equal(out[0, :, 0, 0], stem.weight[:, 0, 0, 0])
 
 
+@pytest.mark.parametrize("kernel, stride, size", [(5, 1, (9, 6)), (3, 1, (7, 8)), (1, 1, (5, 5)), (5, 2, (10, 7))])
+def test_lite0_same_padding_equals_explicit_zero_padding(kernel: int, stride: int, size: tuple[int, int]):
+    """Symmetric cases pad inside the conv, asymmetric ones explicitly; either way the output is the conv of
+    the input zero-padded by TensorFlow's rule (here computed by hand: total ``k - 1`` at stride 1, and at
+    stride 2 ``(ceil(n / 2) - 1) * 2 + k - n``, the odd pixel at the bottom/right)."""
+    torch.manual_seed(0)
+    conv = next(m for m in build_backbone("efficientnet_lite0", "random").modules()
+                if type(m).__name__ == "_SameConv2d" and m.kernel_size == (kernel, kernel) and m.stride == (stride, stride))
+    x = torch.randn(1, conv.in_channels, *size)
+    totals = [(-(-n // stride) - 1) * stride + kernel - n for n in size]
+    padded = torch.nn.functional.pad(x, [totals[1] // 2, totals[1] - totals[1] // 2,
+                                         totals[0] // 2, totals[0] - totals[0] // 2])
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(padded, conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+        got = conv(x)
+    assert got.shape[2:] == tuple(-(-n // stride) for n in size)
+    torch.testing.assert_close(got, want)
+
+
 def test_lite0_mean_std_match_the_stem_batchnorm_statistics(lite0: Backbone):
     """The weights were trained on (pixel - 127) / 128: ImageNet mean/std give mis-scaled activations."""
     images = torch.stack([TF.center_crop(TF.resize(sample_image(n), 224, antialias=True), 224)
