@@ -82,9 +82,9 @@ def test_lite0_pads_like_tensorflow(lite0: Backbone):
 
 @pytest.mark.parametrize("kernel, stride, size", [(5, 1, (9, 6)), (3, 1, (7, 8)), (1, 1, (5, 5)), (5, 2, (10, 7))])
 def test_lite0_same_padding_equals_explicit_zero_padding(kernel: int, stride: int, size: tuple[int, int]):
-    """Symmetric cases pad inside the conv, asymmetric ones explicitly; either way the output is the conv of
-    the input zero-padded by TensorFlow's rule (here computed by hand: total ``k - 1`` at stride 1, and at
-    stride 2 ``(ceil(n / 2) - 1) * 2 + k - n``, the odd pixel at the bottom/right)."""
+    """Symmetric (stride 1) and asymmetric (stride 2) cases alike: the output is the conv of the input
+    zero-padded by TensorFlow's rule, computed here by hand (total ``k - 1`` at stride 1, and at stride 2
+    ``(ceil(n / 2) - 1) * 2 + k - n``, the odd pixel at the bottom/right)."""
     torch.manual_seed(0)
     conv = next(m for m in build_backbone("efficientnet_lite0", "random").modules()
                 if type(m).__name__ == "_SameConv2d" and m.kernel_size == (kernel, kernel) and m.stride == (stride, stride))
