@@ -125,14 +125,19 @@ class _SameConv2d(nn.Conv2d):
 
     The packaged weights were converted from TensorFlow. Symmetric padding would
     shift every stride-2 layer by half a pixel from where the weights were trained.
+    When the padding happens to be symmetric it is left to the convolution itself,
+    which skips copying the input into a padded tensor.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        pads = []
+        pads = []  # F.pad order: left, right, top, bottom
         for size, kernel, stride in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
             pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads) if any(pads) else x)
+        left, right, top, bottom = pads
+        if left == right and top == bottom:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        return super().forward(F.pad(x, pads))
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -161,8 +166,8 @@ class _MBConv(nn.Module):
         self.skip = stride == 1 and in_channels == out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expands else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.expands else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)), inplace=True)
         y = self._bn2(self._project_conv(y))
         return x + y if self.skip else y
 
@@ -195,8 +200,8 @@ class _Lite0Layers(nn.Module):
 
 def _lite0_backbone(net: _Lite0Layers) -> Backbone:
     stride16 = sum(stage[3] for stage in _LITE0_STAGES[:5])  # blocks up to the 112-channel stage
-    features = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(), *net._blocks[:stride16])
-    head = nn.Sequential(*net._blocks[stride16:], net._conv_head, net._bn1, nn.ReLU6(),
+    features = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True), *net._blocks[:stride16])
+    head = nn.Sequential(*net._blocks[stride16:], net._conv_head, net._bn1, nn.ReLU6(inplace=True),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2))
     return Backbone(arch="efficientnet_lite0", features=features, stride=16, feature_channels=112,
                     pool=_max_grid(4), pool_dim=112 * 16, head=head, classifier=net._fc,
