@@ -75,6 +75,8 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "SPP-net, fc dropout 0.5 (the paper's)": ("sppnet", {"sppnet": {"dropout": 0.5}}),
     "Fast R-CNN (hierarchical sampling)": ("fast_rcnn", {}),
     "Fast R-CNN, only fc layers learn": ("fast_rcnn", {"fast_rcnn": {"learn_from": 1000}}),
+    "Fast R-CNN, roi_pool and fc dropout 0.5 (the paper's)": (
+        "fast_rcnn", {"fast_rcnn": {"pooling": "roi_pool", "dropout": 0.5}}),
     "Fast R-CNN + OHEM": ("fast_rcnn_ohem", {}),
     "Fast R-CNN + truncated SVD": ("fast_rcnn_svd", {}),
     "Fast R-CNN fc7 + SVMs (post-hoc)": ("fast_rcnn_svm", {}),
@@ -108,12 +110,7 @@ import json, sys, luigi, pipeline
 times = {}
 @luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)
 def record(task, seconds):
-    cfg = pipeline.config()
-    key = task.get_task_family()
-    if "split" in task.stage.fan_out:
-        key += ":train" if task.split == cfg.data.train_split else ":test"
-    elif "recipe" in task.stage.fan_out:
-        key += ":" + task.recipe
+    key = pipeline.timing_key(task.stage, task.item, pipeline.config())
     times[key] = times.get(key, 0.0) + seconds
 ok = luigi.build([pipeline.RunAll()], local_scheduler=True, workers=1, log_level="WARNING")
 json.dump(times, open(sys.argv[1], "w"))
