@@ -10,7 +10,8 @@ longer at most ``fast_rcnn.max_side``; RPN and box-head settings; score threshol
 detections per image). It trains by approximate joint training, two images per mini-batch drawn with
 ``fast_rcnn.seed``, flipped with probability 1/2, SGD at ``--lr`` (torchvision's reference: 0.02 for 16
 images, so 0.0025 for 2) with momentum 0.9, weight decay 1e-4 and a linear warm-up, until ``--seconds``
-have passed. Its detections go through the project's evaluate stage as recipe ``torchvision_peer``:
+have passed. It runs where our stages do (:func:`stages.core.device.pick_device`, under the same
+autocast). Its detections go through the project's evaluate stage as recipe ``torchvision_peer``:
 ``features_cache/peer/`` holds them and ``map_torchvision_peer.json``.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from stages import evaluate
 from stages.core import layout
 from stages.core.config import Config, load_config
+from stages.core.device import autocast, needs_grad_scaler, pick_device
 from stages.core.store import PerImageReader
 from stages.data.detections import DetectionWriter
 from stages.data.images import load_image
@@ -59,19 +61,21 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def training_batch(rng: np.random.Generator, paths: list[str], boxes: list[np.ndarray], labels: list[np.ndarray],
-                   per_batch: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """``per_batch`` images drawn without replacement, each flipped with probability 1/2, and their targets."""
+                   per_batch: int, device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``per_batch`` images drawn without replacement, each flipped with probability 1/2, and their targets,
+    on ``device``."""
     images, targets = [], []
     for i in rng.choice(len(paths), min(per_batch, len(paths)), replace=False):
         image, box = load_image(paths[i]), boxes[i].copy()
         if rng.random() < 0.5:
             image, box[:, [0, 2]] = image[:, ::-1], image.shape[1] - box[:, [2, 0]]
-        images.append(image_tensor(image))
-        targets.append({"boxes": torch.from_numpy(box), "labels": torch.from_numpy(labels[i] + 1).long()})
+        images.append(image_tensor(image).to(device))
+        targets.append({"boxes": torch.from_numpy(box).to(device),
+                        "labels": torch.from_numpy(labels[i] + 1).long().to(device)})
     return images, targets
 
 
-def train(model: FasterRCNN, cfg: Config, seconds: float, lr: float) -> int:
+def train(model: FasterRCNN, cfg: Config, seconds: float, lr: float, device: torch.device) -> int:
     """Train on the training split until ``seconds`` have passed; the iterations done."""
     with PerImageReader([layout.index_file(cfg.data.train_split)]) as index:
         root = Path(index.attrs["data_root"])
@@ -80,24 +84,27 @@ def train(model: FasterRCNN, cfg: Config, seconds: float, lr: float) -> int:
         labels = [index.rows("gt_labels", i).astype(np.int64) for i in range(len(index))]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
                                 weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device))
     rng, start, iteration = np.random.default_rng(cfg.fast_rcnn.seed), time.perf_counter(), 0
     model.train()
     with tqdm(desc="torchvision peer", unit="it") as progress:
         while time.perf_counter() - start < seconds:
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (iteration + 1) / WARMUP)
-            losses = model(*training_batch(rng, paths, boxes, labels, cfg.fast_rcnn.images_per_batch))
-            loss = sum(losses.values())
+            batch = training_batch(rng, paths, boxes, labels, cfg.fast_rcnn.images_per_batch, device)
+            with autocast(device):
+                loss = sum(model(*batch).values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             iteration += 1
             progress.update()
             progress.set_postfix(loss=f"{loss.item():.3f}")
     return iteration
 
 
-def detect(model: FasterRCNN, cfg: Config, out_path: Path, coco_path: Path) -> float:
+def detect(model: FasterRCNN, cfg: Config, out_path: Path, coco_path: Path, device: torch.device) -> float:
     """The peer's detections of the test split in the detections format; the seconds per image."""
     split = cfg.data.test_split
     with PerImageReader([layout.index_file(split)]) as index:
@@ -107,10 +114,12 @@ def detect(model: FasterRCNN, cfg: Config, out_path: Path, coco_path: Path) -> f
         start = time.perf_counter()
         with DetectionWriter(out_path, coco_path, attrs, classes) as writer, torch.inference_mode():
             for i in tqdm(range(len(index)), desc="torchvision peer, test", unit="img"):
-                (found,) = model([image_tensor(load_image(root / index.value("paths", i)))])
-                writer.append(index.image_ids[i], {"boxes": found["boxes"].numpy().astype(np.float32),
-                                                   "scores": found["scores"].numpy().astype(np.float32),
-                                                   "labels": (found["labels"].numpy() - 1).astype(np.int32)})
+                with autocast(device):
+                    (found,) = model([image_tensor(load_image(root / index.value("paths", i))).to(device)])
+                found = {key: value.cpu().numpy() for key, value in found.items()}
+                writer.append(index.image_ids[i], {"boxes": found["boxes"].astype(np.float32),
+                                                   "scores": found["scores"].astype(np.float32),
+                                                   "labels": (found["labels"] - 1).astype(np.int32)})
         return (time.perf_counter() - start) / max(1, len(index))
 
 
@@ -123,10 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
     with PerImageReader([layout.index_file(cfg.data.train_split)]) as index:
         num_classes = len(index.json_attr("classes"))
     torch.manual_seed(cfg.fast_rcnn.seed)
-    model = peer_model(cfg, num_classes)
-    iterations = train(model, cfg, args.seconds, args.lr)
+    device = pick_device()
+    model = peer_model(cfg, num_classes).to(device)
+    iterations = train(model, cfg, args.seconds, args.lr, device)
     out, coco = PEER / f"{RECIPE}.h5", PEER / f"{RECIPE}.json"
-    per_image = detect(model, cfg, out, coco)
+    per_image = detect(model, cfg, out, coco, device)
     metrics = PEER / f"map_{RECIPE}.json"
     evaluate.run(cfg.evaluate, RECIPE, cfg.data.test_split, out, coco, layout.coco_ground_truth(cfg.data.test_split),
                  metrics, PEER / f"pr_{RECIPE}.csv", PEER / f"figures_{RECIPE}")

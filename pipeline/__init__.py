@@ -131,6 +131,15 @@ TASKS: dict[str, type[StageTask]] = {stage.name: _task_class(stage) for stage in
 globals().update({cls.__name__: cls for cls in TASKS.values()})
 
 
+def timing_key(stage: Stage, item: dict[str, Any], cfg: Config) -> str:
+    """The name the benchmarks file an instance's seconds under: its task family (``FastRcnnTrain``) with
+    ``:train`` or ``:test`` for a split, else ``:<recipe>``; the shards of a split add up under one key."""
+    key = TASKS[stage.name].get_task_family()
+    if "split" in stage.fan_out:
+        return key + (":train" if item["split"] == cfg.data.train_split else ":test")
+    return f"{key}:{item['recipe']}" if "recipe" in stage.fan_out else key
+
+
 class RunAll(luigi.WrapperTask):
     """Every stage instance of the table, as ``dvc repro`` runs every stage of ``dvc.yaml``."""
 
