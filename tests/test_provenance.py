@@ -12,6 +12,7 @@ import pytest
 
 from stages.core import provenance
 from stages.core.provenance import code_files, code_version, file_digest, files_digest
+from stages.table import TABLE
 
 
 @pytest.fixture()
@@ -49,13 +50,17 @@ def test_code_files_exact_small_cases() -> None:
 
 def test_package_markers_hold_no_code_of_a_result() -> None:
     """Code versions leave ``__init__.py`` out, which is only right while they compute nothing: the subpackages'
-    are empty, the package's only pins the CPU kernels (``core/kernels.py``, every stage's code dependency)."""
+    are empty, the package's only pins the CPU kernels (``core/kernels.py``, every stage's code dependency) and
+    sets the allocator (``core/memory.py``, which changes no arithmetic and is in no stage's code files)."""
     top = provenance.PACKAGE_DIR / "__init__.py"
     markers = [p for p in provenance.PACKAGE_DIR.rglob("__init__.py") if p != top]
     assert len(markers) >= 5
     assert all(p.read_text() == "" for p in markers)
     statements = [ast.unparse(node) for node in ast.parse(top.read_text()).body[1:]]  # after the docstring
-    assert statements == ["from stages.core.kernels import pin_cpu_kernels", "pin_cpu_kernels()"]
+    assert statements == ["from stages.core.kernels import pin_cpu_kernels",
+                          "from stages.core.memory import keep_freed_memory", "pin_cpu_kernels()",
+                          "keep_freed_memory()"]
+    assert not any("core/memory.py" in _names(stage.module) for stage in TABLE)
 
 
 def test_code_version_is_stable_hex() -> None:
