@@ -8,8 +8,8 @@ plot as ``features_cache/reports/velocities-direct.*``. Seconds are filed under 
 (:func:`pipeline.timing_key`), so the rows are computed as there.
 
 An instance whose outputs all exist is skipped: bring selective search's proposals (and their run records,
-whose wall seconds count as the stage's) along where OpenCV's contrib modules are missing. Nothing checks that existing outputs are current (no record is kept), so start
-from a fresh copy. An instance that fails is reported and the others go on; those that need its outputs are
+whose wall seconds count as the stage's) along where OpenCV's contrib modules are missing. Nothing checks
+that existing outputs are current (no record is kept), so start from a fresh copy. An instance that fails is reported and the others go on; those that need its outputs are
 skipped, and the table has the rows whose evaluation exists.
 """
 from __future__ import annotations
