@@ -80,23 +80,37 @@ def test_lite0_pads_like_tensorflow(lite0: Backbone):
     assert torch.equal(out[0, :, 0, 0], stem.weight[:, 0, 0, 0])
 
 
-@pytest.mark.parametrize("kernel, stride, size", [(5, 1, (9, 6)), (3, 1, (7, 8)), (1, 1, (5, 5)), (5, 2, (10, 7))])
+@pytest.mark.parametrize("kernel, stride, size", [(5, 1, (9, 6)), (3, 1, (7, 8)), (1, 1, (5, 5)), (5, 2, (10, 7)),
+                                                  (3, 2, (9, 6))])
 def test_lite0_same_padding_equals_explicit_zero_padding(kernel: int, stride: int, size: tuple[int, int]):
     """Symmetric (stride 1) and asymmetric (stride 2) cases alike: the output is the conv of the input
-    zero-padded by TensorFlow's rule, computed here by hand (total ``k - 1`` at stride 1, and at stride 2
-    ``(ceil(n / 2) - 1) * 2 + k - n``, the odd pixel at the bottom/right)."""
+    zero-padded by TensorFlow's rule for an even size, computed here by hand (total ``k - 1`` at stride 1, and at
+    stride 2 ``(ceil(n / 2) - 1) * 2 + k - n``, of which ``(k - 2) // 2`` before, even where ``n`` is odd)."""
     torch.manual_seed(0)
     conv = next(m for m in build_backbone("efficientnet_lite0", "random").modules()
                 if type(m).__name__ == "_SameConv2d" and m.kernel_size == (kernel, kernel) and m.stride == (stride, stride))
     x = torch.randn(1, conv.in_channels, *size)
     totals = [(-(-n // stride) - 1) * stride + kernel - n for n in size]
-    padded = torch.nn.functional.pad(x, [totals[1] // 2, totals[1] - totals[1] // 2,
-                                         totals[0] // 2, totals[0] - totals[0] // 2])
+    before = (kernel - stride) // 2
+    padded = torch.nn.functional.pad(x, [before, totals[1] - before, before, totals[0] - before])
     with torch.no_grad():
         want = torch.nn.functional.conv2d(padded, conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
         got = conv(x)
     assert got.shape[2:] == tuple(-(-n // stride) for n in size)
     torch.testing.assert_close(got, want)
+
+
+def test_lite0_feature_grid_does_not_depend_on_the_sizes_parity(lite0: Backbone):
+    """A zero row and column more at the bottom/right (an odd size made even, as padding to a multiple of the
+    stride does) leave every cell of the stride-16 map as it was: the cells sit on the same pixels whatever the
+    image size. TensorFlow's own rule pads an odd size one pixel more before, which moved them."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 75, 53)
+    with torch.no_grad():
+        odd = lite0.features(x)
+        even = lite0.features(torch.nn.functional.pad(x, [0, 1, 0, 1]))
+    assert odd.shape == even.shape == (1, lite0.feature_channels, 5, 4)
+    assert torch.equal(odd, even)
 
 
 def test_lite0_mean_std_match_the_stem_batchnorm_statistics(lite0: Backbone):

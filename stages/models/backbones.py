@@ -121,19 +121,27 @@ class Backbone(nn.Module):
 
 
 class _SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "SAME" padding: output ``ceil(input / stride)``, odd padding extra at bottom/right.
+    """Conv2d with TensorFlow's "SAME" padding as it pads an even size, whatever the size: ``(kernel - stride) // 2``
+    before, and after what ``ceil(input / stride)`` outputs need.
 
-    The packaged weights were converted from TensorFlow. Symmetric padding would
-    shift every stride-2 layer by half a pixel from where the weights were trained.
-    When the padding happens to be symmetric it is left to the convolution itself,
-    which skips copying the input into a padded tensor.
+    The packaged weights were converted from TensorFlow and trained on even sizes
+    (224, 112, ...). TensorFlow itself pads half the total before, which for an odd
+    size at a stride-2 layer is one pixel more than for an even one: the output
+    grid moves by a pixel of that layer, and over four such layers a stride-16
+    map's cells by up to 15 image pixels, depending on each layer's parity, so
+    RoIs of images of different sizes (or of one image padded to a multiple of 16
+    and not) would pool different places. Here output ``i`` is centred on the same
+    input position for every size. When the padding happens to be symmetric
+    (stride 1) it is left to the convolution itself, which skips copying the input
+    into a padded tensor.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         pads = []  # F.pad order: left, right, top, bottom
         for size, kernel, stride in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-            pads += [total // 2, total - total // 2]
+            before = min(total, max(kernel - stride, 0) // 2)
+            pads += [before, total - before]
         left, right, top, bottom = pads
         if left == right and top == bottom:
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
