@@ -32,15 +32,19 @@ BIN = Path(sys.executable).parent
 # Small enough that the whole DAG runs in seconds; still several classes, splits and shards.
 TINY = {
     "synthetic": {"num_trainval": 6, "num_test": 4, "min_side": 96, "max_side": 160, "max_object_size": 64},
+    "sharding": {"shards": [0, 1]},
     "proposals": {"max_side": 160, "max_boxes": 300},
-    "finetune": {"input_size": 64, "batch_size": 8, "iterations": 3, "lr_step": 2},
+    "finetune": {"input_size": 64, "batch_size": 8, "epochs": 100.0, "max_iterations": 3,
+                 "lr_drop": 0.667},
     "features": {"batch_size": 16},
-    "sppnet": {"scales": [128], "max_side": 200, "hidden": 64, "batch_size": 32, "iterations": 5, "lr_step": 3},
+    "sppnet": {"scales": [128], "max_side": 200, "hidden": 64, "batch_size": 32, "epochs": 100.0,
+               "max_iterations": 5, "lr_drop": 0.6},
     "fast_rcnn": {"scales": [128], "max_side": 200, "hidden": 64, "rois_per_image": 16, "ohem_rois": 16,
-                  "roi_chunk": 64, "iterations": 4, "lr_step": 3, "warmup": 0, "svd_ranks": [16, 8]},
+                  "roi_chunk": 64, "epochs": 100.0, "max_iterations": 4, "lr_drop": 0.75, "warmup": 0, "svd_ranks": [16, 8]},
     "faster_rcnn": {"anchor_sizes": [32, 64, 128], "train_pre_nms": 600, "train_proposals": 100, "test_pre_nms": 300,
-                    "test_proposals": 50, **{step: {"iterations": 4, "learning_rate": 0.002, "momentum": 0.9,
-                                                    "weight_decay": 0.0005, "lr_step": 3, "lr_gamma": 0.1, "warmup": 0}
+                    "test_proposals": 50, **{step: {"epochs": 100.0, "max_iterations": 4, "learning_rate": 0.002,
+                                                    "momentum": 0.9, "weight_decay": 0.0005, "lr_drop": 0.75,
+                                                    "lr_gamma": 0.1, "warmup": 0}
                                              for step in ("step1", "step4")}},
     "svm": {"norm_sample": 500, "retrain_every": 200},
     "evaluate": {"gallery": 2},

@@ -48,8 +48,8 @@ def test_real_params_load() -> None:
     assert cfg.data.classes == ()
     assert cfg.data.on_error == "raise"
     assert cfg.data.splits == ("trainval", "test")
-    assert cfg.sharding.shards == (0, 1)
-    assert cfg.sharding.num_shards == 2
+    assert cfg.sharding.shards == (0,)
+    assert cfg.sharding.num_shards == 1
     assert cfg.proposals.mode == "fast"
     assert cfg.proposals.sigma == 0.8
     # written as 8.0 in the file, stays a float
@@ -272,6 +272,26 @@ def test_fast_rcnn_svm_is_a_feature_recipe_cached_from_the_fast_rcnn_model(tmp_p
 ])
 def test_bad_fast_rcnn_params(tmp_path: Path, key: str, value: Any, error: str) -> None:
     assert error in _error(_modified(tmp_path, "fast_rcnn", key, value))
+
+
+@pytest.mark.parametrize("section, key, value, error", [
+    ("finetune", "epochs", 0, "epochs > 0"),
+    ("sppnet", "max_iterations", 0, "max_iterations >= 1"),
+    ("fast_rcnn", "lr_drop", 0.0, "0 < lr_drop <= 1"),
+    ("fast_rcnn", "lr_drop", 1.5, "0 < lr_drop <= 1"),
+    ("fast_rcnn", "warmup", -1, "warmup must be at least 0"),
+    ("finetune", "learning_rate", 0.0, "learning_rate > 0"),
+])
+def test_bad_training_schedules(tmp_path: Path, section: str, key: str, value: Any, error: str) -> None:
+    assert error in _error(_modified(tmp_path, section, key, value))
+
+
+def test_bad_rpn_step_schedule(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["faster_rcnn"]["step4"]["epochs"] = -1.0
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert "faster_rcnn:step4: need epochs > 0" in _error(path)
 
 
 def test_an_svd_recipe_needs_svd_ranks(tmp_path: Path) -> None:

@@ -113,10 +113,10 @@ def test_tiny_run_trains_saves_and_is_deterministic(spp_workspace, recipe):
     assert (ws / "c1.csv").read_text() == (ws / "c2.csv").read_text()
     assert not checkpoint_file(f"fast_rcnn_train@{recipe}").exists()
     rows = (ws / "c1.csv").read_text().splitlines()
-    assert rows[0] == "iteration,loss,accuracy" and len(rows) == 1 + cfg.fast_rcnn.iterations
+    assert rows[0] == "iteration,loss,accuracy" and len(rows) == 1 + cfg.fast_rcnn.max_iterations
     saved = torch.load(ws / "m1.pt", weights_only=True)
     assert saved["sampler"] == {"fast_rcnn": "heuristic", "fast_rcnn_ohem": "ohem"}[recipe]
-    assert saved["params"]["fast_rcnn"]["iterations"] == cfg.fast_rcnn.iterations and "code_version" in saved
+    assert saved["params"]["fast_rcnn"]["epochs"] == cfg.fast_rcnn.epochs and "code_version" in saved
     assert load_fast_rcnn(ws / "m1.pt").num_classes == _model(cfg).num_classes
 
 
@@ -154,7 +154,7 @@ def test_a_non_finite_loss_stops_naming_the_iteration_and_images_and_keeps_the_c
     monkeypatch.setattr(fast_rcnn_train, "roi_losses", poisoned)
     with pytest.raises(TrainingError, match=r"iteration 3 \(loss nan; images \S+\.jpg, \S+\.jpg\).*checkpoint"):
         _train(cfg, "fast_rcnn", spp_workspace / "m.pt", spp_workspace / "c.csv", checkpoint_every=1,
-               iterations=4)
+               max_iterations=4)
     assert not (spp_workspace / "m.pt").exists()
     assert torch.load(CHECKPOINT, weights_only=True)["iteration"] == 2
 

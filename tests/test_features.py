@@ -73,7 +73,7 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _finetune(cfg):
     """Two steps from the ImageNet weights (random ones give float16-subnormal features)."""
-    return dataclasses.replace(cfg.finetune, iterations=2)
+    return dataclasses.replace(cfg.finetune, max_iterations=2)
 
 
 def _run(cfg, split: str, out: str, shard: int = 0, num_workers: int = 1, **changes) -> Path:

@@ -24,7 +24,8 @@ from stages.models.finetuned import load_model
 from stages.ops.sampling import SamplingError
 
 CHECKPOINT = checkpoint_file("finetune")
-TINY = {"weights": "random", "input_size": 64, "batch_size": 8, "iterations": 4, "lr_step": 2}
+TINY = {"weights": "random", "input_size": 64, "batch_size": 8, "epochs": 100.0, "max_iterations": 4,
+        "lr_drop": 0.5}
 # finetune.run in a process of its own, with the workspace's params.yaml and the changes given as JSON
 RUN_SCRIPT = """
 import dataclasses, json, sys

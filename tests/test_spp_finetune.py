@@ -60,7 +60,8 @@ def test_head_shapes():
 
 
 def _tiny(cfg, **changes):
-    return dataclasses.replace(spp_config(cfg).sppnet, hidden=32, batch_size=16, iterations=4, lr_step=2, **changes)
+    return dataclasses.replace(spp_config(cfg).sppnet, hidden=32, batch_size=16, max_iterations=4, lr_drop=0.5,
+                               **changes)
 
 
 @pytest.mark.slow

@@ -153,6 +153,20 @@ class ProposalParams:
     seed: int
 
 
+def check_schedule(section: Any) -> None:
+    """Validate a section's training length and learning rate (:meth:`stages.core.engine.Schedule.of` reads them):
+    ``epochs`` passes over the training data, at most ``max_iterations`` SGD steps, the learning rate times
+    ``lr_gamma`` every ``lr_drop`` of them, a linear ``warmup`` (where the section has one)."""
+    if section.epochs <= 0 or section.max_iterations < 1 or section.learning_rate <= 0:
+        raise ConfigError(f"need epochs > 0, max_iterations >= 1 and learning_rate > 0, got {section.epochs}, "
+                          f"{section.max_iterations}, {section.learning_rate}")
+    if not 0 < section.lr_drop <= 1 or section.momentum < 0 or section.weight_decay < 0:
+        raise ConfigError(f"need 0 < lr_drop <= 1, momentum >= 0 and weight_decay >= 0, got {section.lr_drop}, "
+                          f"{section.momentum}, {section.weight_decay}")
+    if getattr(section, "warmup", 0) < 0:
+        raise ConfigError(f"warmup must be at least 0, got {section.warmup}")
+
+
 @dataclass(frozen=True)
 class FinetuneParams:
     """Fine-tuning the ImageNet backbone on warped regions (stage ``finetune``, R-CNN step 2)."""
@@ -164,20 +178,22 @@ class FinetuneParams:
     batch_size: int
     positive_fraction: float
     fg_iou: float
-    iterations: int
+    epochs: float
+    max_iterations: int
     learning_rate: float
     momentum: float
     weight_decay: float
-    lr_step: int
+    lr_drop: float
     lr_gamma: float
     mirror: bool
     seed: int
 
     def __post_init__(self) -> None:
+        check_schedule(self)
         if self.input_size < 1 or not 0 <= self.padding < self.input_size / 2:
             raise ConfigError(f"need input_size >= 1 and 0 <= padding < input_size / 2, got {self.input_size}, {self.padding}")
-        if self.batch_size < 1 or self.iterations < 1 or self.lr_step < 1:
-            raise ConfigError("batch_size, iterations and lr_step must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 0 <= self.positive_fraction <= 1 or not 0 < self.fg_iou <= 1:
             raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1, got {self.positive_fraction}, {self.fg_iou}")
 
@@ -222,23 +238,25 @@ class SppParams:
     batch_size: int
     positive_fraction: float
     fg_iou: float
-    iterations: int
+    epochs: float
+    max_iterations: int
     learning_rate: float
     momentum: float
     weight_decay: float
-    lr_step: int
+    lr_drop: float
     lr_gamma: float
     seed: int
 
     def __post_init__(self) -> None:
+        check_schedule(self)
         if self.images_per_batch < 1:
             raise ConfigError(f"images_per_batch must be at least 1, got {self.images_per_batch}")
         if not self.scales or min(self.scales) < 1 or self.max_side < max(self.scales):
             raise ConfigError(f"need scales >= 1 and max_side >= every scale, got {list(self.scales)}, {self.max_side}")
         if not self.levels or min(self.levels) < 1 or len(set(self.levels)) != len(self.levels):
             raise ConfigError(f"levels must be distinct positive grid sizes, got {list(self.levels)}")
-        if min(self.hidden, self.batch_size, self.iterations, self.lr_step) < 1 or not 0 <= self.dropout < 1:
-            raise ConfigError("hidden, batch_size, iterations and lr_step must be at least 1, and 0 <= dropout < 1")
+        if min(self.hidden, self.batch_size) < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("hidden and batch_size must be at least 1, and 0 <= dropout < 1")
         if not 0 <= self.positive_fraction <= 1 or not 0 < self.fg_iou <= 1:
             raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1, got {self.positive_fraction}, {self.fg_iou}")
 
@@ -380,25 +398,27 @@ class FastRcnnParams:
     target_means: tuple[float, ...]
     target_stds: tuple[float, ...]
     mirror: bool
-    iterations: int
+    epochs: float
+    max_iterations: int
     learning_rate: float
     momentum: float
     weight_decay: float
-    lr_step: int
+    lr_drop: float
     lr_gamma: float
     warmup: int
     svd_ranks: tuple[int, ...]
     seed: int
 
     def __post_init__(self) -> None:
+        check_schedule(self)
         if not self.scales or min(self.scales) < 1 or self.max_side < max(self.scales):
             raise ConfigError(f"need scales >= 1 and max_side >= every scale, got {list(self.scales)}, {self.max_side}")
         if min(self.pool_size, self.hidden, self.images_per_batch, self.rois_per_image, self.ohem_rois,
-               self.roi_chunk, self.iterations, self.lr_step) < 1:
-            raise ConfigError("pool_size, hidden, images_per_batch, rois_per_image, ohem_rois, roi_chunk, "
-                              "iterations and lr_step must be at least 1")
-        if not 0 <= self.dropout < 1 or self.learn_from < 0 or self.warmup < 0 or self.loss_lambda < 0:
-            raise ConfigError("need 0 <= dropout < 1, learn_from >= 0, warmup >= 0 and loss_lambda >= 0")
+               self.roi_chunk) < 1:
+            raise ConfigError("pool_size, hidden, images_per_batch, rois_per_image, ohem_rois and roi_chunk must be "
+                              "at least 1")
+        if not 0 <= self.dropout < 1 or self.learn_from < 0 or self.loss_lambda < 0:
+            raise ConfigError("need 0 <= dropout < 1, learn_from >= 0 and loss_lambda >= 0")
         if not 0 <= self.positive_fraction <= 1 or not 0 <= self.bg_iou_low < self.fg_iou <= 1:
             raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 <= bg_iou_low < fg_iou <= 1, got "
                               f"{self.positive_fraction}, {self.bg_iou_low}, {self.fg_iou}")
@@ -419,17 +439,17 @@ class FastRcnnParams:
 class RpnSchedule:
     """The SGD schedule of one region proposal network training step (``faster_rcnn.step1``, ``faster_rcnn.step4``)."""
 
-    iterations: int
+    epochs: float
+    max_iterations: int
     learning_rate: float
     momentum: float
     weight_decay: float
-    lr_step: int
+    lr_drop: float
     lr_gamma: float
     warmup: int
 
     def __post_init__(self) -> None:
-        if min(self.iterations, self.lr_step) < 1 or self.warmup < 0 or self.learning_rate <= 0:
-            raise ConfigError("iterations and lr_step must be at least 1, warmup at least 0, learning_rate positive")
+        check_schedule(self)
 
 
 # What each Faster R-CNN stage reads (the stage table lists them as its dependencies): every RPN training the

@@ -77,9 +77,17 @@ class Schedule:
     warmup: int = 0
 
     @classmethod
-    def of(cls, params: object) -> Schedule:
-        """The schedule of a params section: its keys named like the fields (those it lacks keep their defaults)."""
-        return cls(**{f.name: getattr(params, f.name) for f in fields(cls) if hasattr(params, f.name)})
+    def of(cls, params: object, batches_per_pass: float) -> Schedule:
+        """The schedule of a params section for training data of ``batches_per_pass`` mini-batches a pass.
+
+        The length scales with the data: ``epochs`` passes (rounded up to whole iterations, at least one), at most
+        ``max_iterations``; the learning rate steps every ``lr_drop`` of them (2/3: once, two thirds of the way).
+        The section's other keys named like the fields are taken as they are (those it lacks keep their defaults).
+        """
+        iterations = min(params.max_iterations, max(1, math.ceil(params.epochs * batches_per_pass)))
+        taken = {f.name: getattr(params, f.name) for f in fields(cls)
+                 if f.name not in ("iterations", "lr_step") and hasattr(params, f.name)}
+        return cls(iterations=iterations, lr_step=max(1, round(params.lr_drop * iterations)), **taken)
 
     def lr_factor(self, iteration: int) -> float:
         """The learning rate of 0-based ``iteration``, over ``learning_rate``.
@@ -286,6 +294,8 @@ def train(
     # (EfficientNet-Lite0, batch 32 at 96 px), although its forward pass is 1.6x faster (stages.features).
     model.to(device).train()
     training = _Training(model, schedule, device)
+    print(f"{name}: {schedule.iterations} iterations, learning rate {schedule.learning_rate:g} (x{schedule.lr_gamma:g} "
+          f"every {schedule.lr_step})", flush=True)
     start = _resume(training, checkpointing, name)
     loader = _loader(batches, start, schedule.iterations, num_workers, worker_init, device)
     progress = tqdm(loader, total=schedule.iterations, initial=start, desc=name, unit="it")
