@@ -242,7 +242,7 @@ def run(
     train(
         model,
         RoiBatches(images, params, every_roi=sampler == "ohem", pad=model.pad_value),
-        Schedule.of(params, len(images) / params.images_per_batch),
+        Schedule.of(params, len(images), params.images_per_batch),
         Checkpointing(checkpoint_file(f"fast_rcnn_train@{recipe}"), checkpoint_every, provenance),
         lambda trained: write_torch(model_path, {**saved, "state_dict": trained.state_dict(), **provenance}),
         curve_path,

@@ -102,7 +102,7 @@ def run(
     train(
         model,
         RoiBatches(images, fast_rcnn, every_roi=True, pad=model.pad_value, size_multiple=model.stride),
-        Schedule.of(fast_rcnn, len(images) / fast_rcnn.images_per_batch),
+        Schedule.of(fast_rcnn, len(images), fast_rcnn.images_per_batch),
         Checkpointing(checkpoint_file("faster_rcnn_joint"), checkpoint_every, provenance),
         lambda trained: write_torch(model_path, {**saved, "state_dict": trained.state_dict(), **provenance}),
         curve_path,

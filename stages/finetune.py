@@ -199,7 +199,7 @@ def run(
     train(
         model,
         WindowBatches(windows, params, model.mean, model.std),
-        Schedule.of(params, (num_fg + num_bg) / params.batch_size),
+        Schedule.of(params, num_fg + num_bg, params.batch_size),
         Checkpointing(checkpoint_path, checkpoint_every, provenance),
         lambda trained: write_torch(model_path, {**model_file, "state_dict": trained.state_dict(), **provenance}),
         curve_path,

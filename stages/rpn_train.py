@@ -138,7 +138,7 @@ def run(
     train(
         model,
         RoiBatches(images, fast_rcnn, every_roi=True, pad=model.pad_value, size_multiple=model.stride),
-        Schedule.of(schedule, len(images) / fast_rcnn.images_per_batch),
+        Schedule.of(schedule, len(images), fast_rcnn.images_per_batch),
         Checkpointing(checkpoint_file(f"rpn_train_{step}"), checkpoint_every, provenance),
         lambda trained: write_torch(model_path, {**saved, "state_dict": trained.state_dict(), **provenance}),
         curve_path,

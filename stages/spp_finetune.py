@@ -162,7 +162,7 @@ def run(params: SppParams, train_split: str, num_shards: int, head_path: Path, c
         train(
             head,
             batches,
-            Schedule.of(params, len(images) / params.images_per_batch),
+            Schedule.of(params, len(images), params.images_per_batch),
             Checkpointing(checkpoint_path, checkpoint_every, provenance),
             lambda trained: write_torch(head_path, {**head_file, "state_dict": trained.state_dict(), **provenance}),
             curve_path,

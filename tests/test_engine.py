@@ -71,10 +71,12 @@ def fit(folder: Path, sched: Schedule, every: int, provenance: dict = PROVENANCE
 def test_schedule_length_scales_with_the_data_up_to_the_cap():
     section = SimpleNamespace(epochs=2.5, max_iterations=100, learning_rate=0.1, momentum=0.9, weight_decay=0.0,
                               lr_drop=0.6667, lr_gamma=0.1, warmup=3)
-    lengths = {n: (Schedule.of(section, n).iterations, Schedule.of(section, n).lr_step) for n in (24, 7, 1000, 0.01)}
-    # 2.5 passes of 24 batches; 17.5 rounded up; the cap; at least one; the drop two thirds of the way each time
-    assert lengths == {24: (60, 40), 7: (18, 12), 1000: (100, 67), 0.01: (1, 1)}
-    assert Schedule.of(section, 24) == Schedule(60, 0.1, 0.9, 0.0, 40, 0.1, warmup=3)
+    # (examples, batch): 2.5 passes of 48 / 2 = 24 batches; 17.5 rounded up; the cap; at least one; the drop two
+    # thirds of the way each time
+    cases = {(48, 2): (60, 40), (7, 1): (18, 12), (2000, 2): (100, 67), (1, 100): (1, 1)}
+    lengths = {case: Schedule.of(section, *case) for case in cases}
+    assert {case: (s.iterations, s.lr_step) for case, s in lengths.items()} == cases
+    assert Schedule.of(section, 48, 2) == Schedule(60, 0.1, 0.9, 0.0, 40, 0.1, warmup=3)
 
 
 def test_lr_factor_by_hand():

@@ -77,14 +77,16 @@ class Schedule:
     warmup: int = 0
 
     @classmethod
-    def of(cls, params: object, batches_per_pass: float) -> Schedule:
-        """The schedule of a params section for training data of ``batches_per_pass`` mini-batches a pass.
+    def of(cls, params: object, examples: int, batch: int) -> Schedule:
+        """The schedule of a params section for ``examples`` training examples (images or windows) drawn ``batch``
+        a mini-batch.
 
-        The length scales with the data: ``epochs`` passes (rounded up to whole iterations, at least one), at most
+        The length scales with the data: ``epochs`` passes over the examples (rounded up to whole iterations, at
+        least one), at most
         ``max_iterations``; the learning rate steps every ``lr_drop`` of them (2/3: once, two thirds of the way).
         The section's other keys named like the fields are taken as they are (those it lacks keep their defaults).
         """
-        iterations = min(params.max_iterations, max(1, math.ceil(params.epochs * batches_per_pass)))
+        iterations = min(params.max_iterations, max(1, math.ceil(params.epochs * examples / batch)))
         taken = {f.name: getattr(params, f.name) for f in fields(cls)
                  if f.name not in ("iterations", "lr_step") and hasattr(params, f.name)}
         return cls(iterations=iterations, lr_step=max(1, round(params.lr_drop * iterations)), **taken)
