@@ -19,6 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: $(STAMP) dvc.yaml
 	dvc repro
+	$(BIN)/python -m pipeline prune-lock
 	dvc metrics show
 
 luigi: $(STAMP)

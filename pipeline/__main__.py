@@ -5,6 +5,10 @@
   current params, and the run records and checkpoints (``make clean``); tracked
   files (``features_cache/README.md``, DVC's ``.gitignore`` files, reports
   written outside the DAG) stay;
+* ``prune-lock``: drop from ``dvc.lock`` the records of stage instances the
+  table no longer has under the current params (a recipe turned off, a shard
+  fewer): ``dvc repro`` keeps them, and ``verify`` would then find their
+  outputs missing (``make run`` prunes after ``dvc repro``);
 * ``verify``: run the pipeline with ``dvc repro`` in a scratch copy of the
   project (code, ``params.yaml``, ``dvc.yaml``) and compare every output's hash
   with the committed ``dvc.lock`` (``make verify``): the committed record must be
@@ -25,7 +29,8 @@ import yaml
 from pipeline import config, dvc_yaml
 from pipeline.project import REPO, scratch_project
 from stages.core import layout
-from stages.core.stage import Refs, instances
+from stages.core.atomic import write_text
+from stages.core.stage import Refs, address, instances
 from stages.table import TABLE
 
 
@@ -45,6 +50,23 @@ def clean() -> None:
         else:
             continue
         print(f"removed {path}")
+
+
+def prune_lock(lock_file: Path = Path("dvc.lock")) -> list[str]:
+    """Remove the entries of ``lock_file`` that name no stage instance of the table under the current params;
+    return their names. The rest of the file stays byte for byte as DVC wrote it (DVC's own YAML round trip)."""
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+    if not lock_file.is_file():
+        return []
+    lock = parse_yaml_for_update(lock_file.read_text(), str(lock_file))
+    current = {address(stage, item) for stage, item in instances(TABLE, config())}
+    stale = [name for name in lock["stages"] if name not in current]
+    for name in stale:
+        del lock["stages"][name]
+    if stale:
+        write_text(lock_file, dumps_yaml(lock))
+    return stale
 
 
 def output_hashes(lock_file: Path) -> dict[str, str]:
@@ -72,11 +94,14 @@ def verify(reference: Path = REPO / "dvc.lock", params: dict | None = None) -> i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["dvc-yaml", "clean", "verify"])
+    parser.add_argument("command", choices=["dvc-yaml", "clean", "prune-lock", "verify"])
     command = parser.parse_args(argv).command
     if command == "verify":
         return verify()
-    if command == "clean":
+    if command == "prune-lock":
+        for name in prune_lock():
+            print(f"dvc.lock: removed {name} (no such stage instance under the current params)")
+    elif command == "clean":
         clean()
     else:
         sys.stdout.write(dvc_yaml.generate())
