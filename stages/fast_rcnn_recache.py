@@ -100,7 +100,7 @@ def run(
 ) -> None:
     """Write recipe ``<recipe>_svm``'s feature cache of proposal shard ``shard`` of ``split`` with Fast R-CNN
     model ``recipe`` (ground-truth rows on ``train_split`` only)."""
-    model = load_fast_rcnn(model_path, folded=True)
+    model = load_fast_rcnn(model_path, baked=True)
     device = pick_device()
     model.to(device)
     index_path = index_file(split)

@@ -34,8 +34,8 @@ from stages.proposals import ROWS, shard_slice
 
 
 def load_rpn(path: Path) -> FasterRcnn:
-    """The Faster R-CNN model of ``path`` for test time (eval mode, folded batch norms, on the CPU)."""
-    model = load_fast_rcnn(path, folded=True)
+    """The Faster R-CNN model of ``path`` for test time (eval mode, conv weights baked, on the CPU)."""
+    model = load_fast_rcnn(path, baked=True)
     if not isinstance(model, FasterRcnn):
         raise ArtifactError(f"{path}: a Fast R-CNN model without a region proposal network")
     return model

@@ -1,14 +1,18 @@
 """Fast R-CNN's network (stages.models.fast_rcnn): RoI pooling, frozen layers, SVD copy, model files."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parametrize
 from torchvision.ops import FrozenBatchNorm2d, roi_pool
 
 from stages.core.engine import write_torch
 from stages.core.store import ArtifactError
-from stages.models.fast_rcnn import FastRcnn, fold_batch_norms, load_fast_rcnn, model_file
+from stages.models.backbones import build_backbone
+from stages.models.fast_rcnn import FastRcnn, fold_batch_norms, freeze_batch_norms, load_fast_rcnn, model_file
 from stages.ops.spp import pyramid_pool
 
 
@@ -40,10 +44,12 @@ def test_the_model_pools_continuous_boxes_as_their_inclusive_corners():
     torch.testing.assert_close(model.pool(conv, box), expected)
 
 
-def test_batch_norms_are_frozen_and_the_first_modules_do_not_learn():
+def test_batch_norms_are_folded_and_the_first_modules_do_not_learn():
     model = _model(learn_from=3)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.trunk.modules())
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in model.modules())
+    convs = [m for m in model.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(parametrize.is_parametrized(c, "weight") for c in convs)
+    assert all("bias" in dict(c.named_buffers(recurse=False)) for c in convs)  # the shift: a constant
     trunk = list(model.trunk.children())
     assert not any(p.requires_grad for m in trunk[:3] for p in m.parameters())
     assert all(p.requires_grad for m in trunk[3:] for p in m.parameters())
@@ -77,20 +83,27 @@ def test_full_rank_svd_copy_detects_as_the_original():
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet50"])
-def test_folding_the_batch_norms_keeps_the_conv_map_and_leaves_none(arch):
-    model = _model(arch=arch)
-    for norm in model.trunk.modules():
-        if isinstance(norm, FrozenBatchNorm2d):  # statistics far from the identity, so a wrong fold shows
-            for buffer in (norm.weight, norm.bias, norm.running_mean):
-                buffer.copy_(torch.randn_like(buffer))
+def test_folded_trunk_computes_and_learns_as_the_backbone_with_frozen_norms(arch):
+    torch.manual_seed(0)
+    features = build_backbone(arch, "random").features
+    for norm in features.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):  # statistics far from the identity, so a wrong fold shows
+            for tensor in (norm.weight.data, norm.bias.data, norm.running_mean):
+                tensor.copy_(torch.randn_like(tensor))
             norm.running_var.copy_(torch.rand_like(norm.running_var) + 0.5)
-    images = torch.randint(0, 256, (1, 48, 64, 3), dtype=torch.uint8)
-    with torch.inference_mode():
-        expected = model.conv(images)
-        fold_batch_norms(model.trunk)
-        folded = model.conv(images)
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.trunk.modules())
-    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    frozen, folded = freeze_batch_norms(copy.deepcopy(features)), fold_batch_norms(copy.deepcopy(features))
+    images, maps = torch.randn(2, 3, 48, 64), {}
+    for name, trunk in (("frozen", frozen), ("folded", folded)):
+        out = trunk.train()(images)  # frozen norms ignore the mode
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        maps[name] = out.detach()
+    torch.testing.assert_close(maps["folded"], maps["frozen"], rtol=1e-4, atol=1e-4 * maps["frozen"].abs().max().item())
+    expected = dict(frozen.named_parameters())
+    learned = {name.replace(".parametrizations.weight.original", ".weight"): p for name, p in folded.named_parameters()}
+    assert learned.keys() == expected.keys()  # the convs' weights, nothing of the norms
+    for name, param in learned.items():
+        grad = expected[name].grad
+        torch.testing.assert_close(param.grad, grad, rtol=1e-3, atol=1e-3 * grad.abs().max().item(), msg=name)
 
 
 def test_model_file_round_trip_and_bad_files(tmp_path):
@@ -101,8 +114,11 @@ def test_model_file_round_trip_and_bad_files(tmp_path):
     assert loaded.classes == ["a", "b", "c"] and not loaded.training
     for name, value in model.state_dict().items():
         assert loaded.state_dict()[name].equal(value), name
-    folded = load_fast_rcnn(path, folded=True)
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.trunk.modules())
+    baked = load_fast_rcnn(path, baked=True)
+    assert not any(parametrize.is_parametrized(m) for m in baked.trunk.modules())
+    images = torch.randint(0, 256, (1, 48, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert baked.conv(images).equal(loaded.conv(images))  # the same weights, computed once
     with pytest.raises(ArtifactError, match="not found"):
         load_fast_rcnn(tmp_path / "missing.pt")
     torch.save({"arch": "efficientnet_lite0"}, tmp_path / "bad.pt")

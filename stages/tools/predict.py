@@ -152,7 +152,7 @@ def _fast_rcnn(cfg: Config, recipe: str, classes: list[str], device: torch.devic
                ) -> tuple[FastRcnn, Callable[[Path, np.ndarray], tuple[torch.Tensor, torch.Tensor]]]:
     """The recipe's Fast R-CNN model on ``device`` (its SVD copy for ``_svd``) and a function giving an image's
     conv map and the ``(M, 5)`` RoIs of its ``(M, 4)`` proposals."""
-    model = load_fast_rcnn(layout.fast_rcnn_model(trained_model(recipe)), folded=True)
+    model = load_fast_rcnn(layout.fast_rcnn_model(trained_model(recipe)), baked=True)
     if model.classes != classes:
         raise ArtifactError(f"{layout.fast_rcnn_model(trained_model(recipe))}: trained for classes "
                             f"{model.classes}, not the index's {classes} (stale model; rerun fast_rcnn_train)")
