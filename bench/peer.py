@@ -109,7 +109,7 @@ def detect(model: FasterRCNN, cfg: Config, out_path: Path, coco_path: Path, devi
     split = cfg.data.test_split
     with PerImageReader([layout.index_file(split)]) as index:
         root, classes = Path(index.attrs["data_root"]), [str(c) for c in index.json_attr("classes")]
-        attrs = {"stage": "bench.peer", "recipe": RECIPE, "classes": classes, "split": split}
+        attrs = {"stage": "bench.peer", "recipe": RECIPE, "classes": classes, "split": split, "scores": "probability"}
         model.eval()
         start = time.perf_counter()
         with DetectionWriter(out_path, coco_path, attrs, classes) as writer, torch.inference_mode():

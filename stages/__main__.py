@@ -45,7 +45,7 @@ def _show(cfg: Config, args: argparse.Namespace) -> None:
     from stages.tools import show
 
     out = show.run(cfg.data.splits, cfg.sharding.num_shards, args.image, args.out, args.proposals, args.recipe,
-                   cfg.evaluate.gallery_score if args.min_score is None else args.min_score)
+                   args.min_score, cfg.evaluate)
     print(f"wrote {out}")
 
 
@@ -64,7 +64,8 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
                             f"instances: {', '.join(stale)}); run `dvc repro {stages}` (or the whole pipeline: "
                             "`make run`) first")
     out = args.out or CACHE / "predict" / args.recipe
-    min_score = cfg.evaluate.gallery_score if args.min_score is None else args.min_score
+    drawn = cfg.evaluate.lowest_drawn(cfg.detect.score_kind(args.recipe))
+    min_score = drawn if args.min_score is None else args.min_score
     counts = predict.run(cfg, args.recipe, args.images, out, min_score)
     print(f"wrote {out}: {counts['detections']} detections in {counts['images']} images "
           f"({counts['without_proposals']} without proposals)")
@@ -88,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: features_cache/show/<id>.png)")
     p.add_argument("--proposals", type=int, default=50, help="how many top-ranked proposals to draw")
     p.add_argument("--recipe", choices=RECIPES, help="draw this recipe's detections instead of proposals")
-    p.add_argument("--min-score", type=float, help="with --recipe: lowest score drawn (default: evaluate.gallery_score)")
+    p.add_argument("--min-score", type=float, help="with --recipe: lowest score drawn (default: "
+                   "evaluate.gallery_score for SVM scores, evaluate.gallery_probability for probabilities)")
     p.set_defaults(func=_show)
     p = commands.add_parser("predict", help="detect objects in new images with a trained recipe")
     p.add_argument("--recipe", choices=RECIPES, required=True, help="a recipe the pipeline trained")
@@ -96,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="image files, or folders searched recursively for images")
     p.add_argument("--out", type=Path, help="output folder (default: features_cache/predict/<recipe>/)")
     p.add_argument("--min-score", type=float, help="lowest score drawn in the PNGs (default: "
-                   "evaluate.gallery_score); the JSON holds every detection")
+                   "evaluate.gallery_score for SVM scores, evaluate.gallery_probability for probabilities); the JSON "
+                   "holds every detection")
     p.set_defaults(func=_predict)
     return parser
 

@@ -157,6 +157,7 @@ def run(
         svm, regressor, model_inputs = load_models(params, classes, features.dim("pool"), svm_path, bbox_path)
         attrs = {
             "stage": "detect", "classes": classes, "recipe": recipe, "split": test_split,
+            "scores": params.score_kind(recipe),
             "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"}},
             "code_version": code_version("detect"),
             "inputs": {**{str(p): file_digest(p) for p in features.paths}, **model_inputs},

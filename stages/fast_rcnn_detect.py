@@ -89,10 +89,11 @@ def run(
     num_workers: int = 0,
 ) -> None:
     """Detect with Fast R-CNN model ``recipe`` on ``test_split``: detections of the full and the SVD head."""
-    model = load_fast_rcnn(model_path, folded=True)
-    heads = {recipe: model, recipe + SVD_SUFFIX: model.compressed(fast_rcnn.svd_ranks)}
-    device = pick_device()
-    for head in heads.values():
+    model, device = load_fast_rcnn(model_path, baked=True), pick_device()
+    # svd_ranks [] compresses nothing: the _svd recipe is then the same head, run once per image
+    compressed = model.compressed(fast_rcnn.svd_ranks) if fast_rcnn.svd_ranks else model
+    heads = {recipe: model, recipe + SVD_SUFFIX: compressed}
+    for head in set(heads.values()):
         head.to(device)
     index_path = index_file(test_split)
     with PerImageReader([index_path]) as index, PerImageReader.sharded(proposals_dir(test_split), num_shards) as proposals:
@@ -102,7 +103,7 @@ def run(
             raise ArtifactError(f"{model_path}: trained for classes {model.classes}, but the {test_split} index has "
                                 f"{classes} (stale model; rerun fast_rcnn_train)")
         attrs = {
-            "stage": "fast_rcnn_detect", "classes": classes, "split": test_split,
+            "stage": "fast_rcnn_detect", "classes": classes, "split": test_split, "scores": params.score_kind(recipe),
             "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"},
                        "fast_rcnn": {k: getattr(fast_rcnn, k) for k in ("scales", "max_side", "roi_chunk", "svd_ranks")}},
             "code_version": code_version("fast_rcnn_detect"),
@@ -127,11 +128,15 @@ def run(
                 synchronize(device)
                 seconds["conv"] += time.perf_counter() - tic
                 rois = image_rois(boxes, factor).to(device)
+                done: dict[FastRcnn, tuple[dict[str, np.ndarray], float]] = {}
                 for name, head in heads.items():
-                    tic = time.perf_counter()
-                    probs, deltas = head_outputs(head, conv, rois, fast_rcnn.roi_chunk)
-                    writers[name].append(index.image_ids[i], detections(probs, deltas, boxes, size, params))
-                    seconds[name] += time.perf_counter() - tic
+                    if head not in done:
+                        tic = time.perf_counter()
+                        probs, deltas = head_outputs(head, conv, rois, fast_rcnn.roi_chunk)
+                        done[head] = detections(probs, deltas, boxes, size, params), time.perf_counter() - tic
+                    found, spent = done[head]
+                    writers[name].append(index.image_ids[i], found)
+                    seconds[name] += spent
         wall, count = time.perf_counter() - start, len(index)
     images = max(1, count)
     for name, path in ((recipe, out_path), (recipe + SVD_SUFFIX, svd_path)):

@@ -77,6 +77,7 @@ def run(
                                 f"{classes} (stale model; rerun its training stage)")
         attrs = {
             "stage": "faster_rcnn_detect", "recipe": recipe, "classes": classes, "split": test_split,
+            "scores": params.score_kind(recipe),
             "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"},
                        "fast_rcnn": {k: getattr(fast_rcnn, k) for k in ("scales", "max_side", "roi_chunk")},
                        "faster_rcnn": {k: v for k, v in as_dict(faster_rcnn).items() if k in RPN_PROPOSAL_KEYS}},

@@ -12,6 +12,7 @@ import yaml
 from stages.core.config import (
     BboxParams,
     Config,
+    RECIPES,
     ConfigError,
     ShardingParams,
     as_dict,
@@ -261,6 +262,24 @@ def test_fast_rcnn_svm_is_a_feature_recipe_cached_from_the_fast_rcnn_model(tmp_p
     assert detect.fast_rcnn_detectors == ()  # fast_rcnn_detect has nothing to do
     detect = load_config(_modified(tmp_path, "detect", "recipes", ["fast_rcnn_svm", "fast_rcnn_svd"])).detect
     assert detect.fast_rcnn_models == detect.fast_rcnn_detectors == detect.fast_rcnn_feature_models == ("fast_rcnn",)
+
+
+@pytest.mark.parametrize("scorer, svm_recipes", [("svm", {"rcnn", "sppnet", "fast_rcnn_svm"}), ("softmax", set())])
+def test_scores_are_svm_margins_only_for_feature_recipes_with_the_svm_scorer(tmp_path: Path, scorer: str,
+                                                                            svm_recipes: set[str]) -> None:
+    cfg = load_config(_modified(tmp_path, "detect", "scorer", scorer))
+    kinds = {recipe: cfg.detect.score_kind(recipe) for recipe in RECIPES}
+    assert {recipe for recipe, kind in kinds.items() if kind == "svm"} == svm_recipes
+    assert set(kinds.values()) <= {"svm", "probability"}
+    evaluate = cfg.evaluate
+    assert (evaluate.lowest_drawn("svm"), evaluate.lowest_drawn("probability")) == (
+        RAW["evaluate"]["gallery_score"], RAW["evaluate"]["gallery_probability"])
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_gallery_probability_is_a_probability(tmp_path: Path, value: float) -> None:
+    path = _modified(tmp_path, "evaluate", "gallery_probability", value)
+    assert "gallery_probability must be in [0, 1]" in _error(path)
 
 
 @pytest.mark.parametrize("key, value, error", [

@@ -13,6 +13,7 @@ from stages import coco_gt, detect, index
 from stages.core import layout, runs
 from stages.core.config import DetectParams
 from stages.core.store import ArtifactError, PerImageReader, create_per_image
+from stages.data.detections import DetectionWriter
 from stages.models.box_regressor import BoxRegressor
 from stages.models.svm import SvmModel
 
@@ -130,6 +131,7 @@ def test_outputs_coco_json_timing_provenance_and_byte_identical_rerun(cache):
         assert reader.json_attr("classes") == CLASSES
         assert (reader.attrs["stage"], reader.attrs["recipe"], reader.attrs["split"]) == ("detect", "rcnn", "test")
         assert "recipes" not in reader.json_attr("params")["detect"]
+        assert reader.attrs["scores"] == "probability"  # the softmax scorer
         inputs = reader.json_attr("inputs")
         assert str(layout.bbox_model("rcnn")) in inputs and str(layout.svm_model("rcnn")) not in inputs  # softmax
 
@@ -174,3 +176,8 @@ def test_regressors_of_another_pool_dimension_are_an_error(cache):
                  np.ones((2, 4), np.float32), 1.0, CLASSES, np.ones(2, bool)).save(layout.bbox_model("rcnn"), {})
     with pytest.raises(ArtifactError, match="pool dimension 5"):
         detect_run(box_regression=True)
+
+
+def test_detection_writer_needs_the_kind_of_its_scores(tmp_path):
+    with pytest.raises(ValueError, match="attrs need 'scores'"):
+        DetectionWriter(tmp_path / "d.h5", tmp_path / "d.json", {"recipe": "rcnn"}, ["a"])

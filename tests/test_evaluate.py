@@ -275,7 +275,7 @@ def no_detections(gt: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def write_detections(workspace, split: str, recipe: str = "rcnn", classes=None, drop_last: bool = False,
-                     detector=perfect_detections) -> int:
+                     detector=perfect_detections, scores: str | None = "svm") -> int:
     """The inputs of the stage: the detections of ``detector`` on every image (.h5 and COCO results, numbered as
     the detect stage numbers them) and the coco_gt stage's ground truth; returns the number of detections."""
     h5, results, gt = inputs(workspace)
@@ -283,6 +283,8 @@ def write_detections(workspace, split: str, recipe: str = "rcnn", classes=None, 
     entries = []
     with PerImageReader([layout.index_file(split)]) as index:
         attrs = {"classes": classes or index.json_attr("classes"), "recipe": recipe, "split": split}
+        if scores is not None:
+            attrs["scores"] = scores
         with create_per_image(h5, DETECTION_SPECS, attrs) as writer:
             for i, image_id in enumerate(index.image_ids[: len(index) - drop_last]):
                 found = detector(index.rows("gt_boxes", i), index.rows("gt_labels", i))
@@ -352,6 +354,8 @@ def test_run_writes_metrics_curve_and_figures(workspace, tiny_config, capsys):
         ({"drop_last": True}, "images differ"),
         ({"classes": ["x", "y"]}, "classes"),
         ({"recipe": "sppnet"}, "recipe 'sppnet', expected 'rcnn'"),
+        ({"scores": None}, "scores attribute None"),
+        ({"scores": "margin"}, "scores attribute 'margin'"),
     ],
 )
 def test_run_rejects_detections_of_other_images_classes_or_recipes(workspace, tiny_config, kwargs, message):
@@ -360,6 +364,20 @@ def test_run_rejects_detections_of_other_images_classes_or_recipes(workspace, ti
     with pytest.raises(ArtifactError, match=message):
         evaluate_run(workspace, tiny_config.evaluate, split)
     assert not any(p.exists() for p in outputs(workspace))
+
+
+@pytest.mark.parametrize("scores, drawn", [("svm", [0.1, 0.9]), ("probability", [0.9])])
+def test_gallery_draws_from_the_lowest_score_of_the_detections_kind(workspace, tiny_config, monkeypatch, scores,
+                                                                      drawn):
+    """gallery_score 0.0 for SVM margins draws the 0.1 false positive; gallery_probability 0.5 does not."""
+    split, params = tiny_config.data.test_split, tiny_config.evaluate
+    assert params.gallery_score < 0.1 < params.gallery_probability < 0.9
+    write_detections(workspace, split, scores=scores)
+    shown = []
+    monkeypatch.setattr(evaluate, "draw_image", lambda image, result, *args: shown.append(result.scores))
+    evaluate_run(workspace, params, split)
+    assert len(shown) == params.gallery
+    assert all(np.unique(s).tolist() == pytest.approx(drawn) for s in shown)
 
 
 def test_no_detections_at_all_give_zero_ap_not_a_crash(workspace, tiny_config):
@@ -389,7 +407,7 @@ def test_run_rejects_coco_files_numbered_otherwise(workspace, tiny_config, stale
 def test_run_rejects_labels_outside_the_classes(workspace, tiny_config):
     split = tiny_config.data.test_split
     with PerImageReader([layout.index_file(split)]) as index:
-        attrs = {"classes": index.json_attr("classes"), "recipe": "rcnn", "split": split}
+        attrs = {"classes": index.json_attr("classes"), "recipe": "rcnn", "split": split, "scores": "svm"}
         with create_per_image(workspace / "detections.h5", DETECTION_SPECS, attrs) as writer:
             for image_id in index.image_ids:
                 rows = {"boxes": FP_BOX, "scores": np.ones(1, np.float32), "labels": np.array([99], np.int32)}

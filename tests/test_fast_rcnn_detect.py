@@ -36,9 +36,10 @@ def test_detections_threshold_clip_and_suppress(tiny_config):
 
 
 @pytest.mark.slow
-def test_tiny_detection_writes_both_heads_in_the_detect_format(spp_workspace):
+def test_tiny_detection_writes_both_heads_in_the_detect_format(spp_workspace, monkeypatch):
     from stages.core.config import load_config
 
+    outputs = fast_rcnn_detect.head_outputs
     cfg = load_config()
     finetune = dataclasses.replace(cfg.finetune, weights="random")
     model = layout.fast_rcnn_model("fast_rcnn")
@@ -56,6 +57,7 @@ def test_tiny_detection_writes_both_heads_in_the_detect_format(spp_workspace):
     with PerImageReader([paths["fast_rcnn"][0]]) as full, PerImageReader([paths["fast_rcnn_svd"][0]]) as svd, \
             PerImageReader([layout.index_file(cfg.data.test_split)]) as index:
         assert full.image_ids == index.image_ids and full.attrs["recipe"] == "fast_rcnn"
+        assert full.attrs["scores"] == svd.attrs["scores"] == "probability"
         assert svd.attrs["recipe"] == "fast_rcnn_svd" and json.loads(full.attrs["params"])["fast_rcnn"]["svd_ranks"]
         for i in range(len(full)):
             np.testing.assert_allclose(svd.rows("scores", i), full.rows("scores", i), rtol=1e-3, atol=1e-5)
@@ -70,6 +72,17 @@ def test_tiny_detection_writes_both_heads_in_the_detect_format(spp_workspace):
     with PerImageReader([paths["fast_rcnn_svd"][0]]) as svd:
         assert json.loads(svd.attrs["params"])["fast_rcnn"]["svd_ranks"] == [4, 2]
 
+    heads = []
+    monkeypatch.setattr(fast_rcnn_detect, "head_outputs",
+                        lambda head, *args: heads.append(head) or outputs(head, *args))
+    detect(())  # no compression: the _svd recipe is the same head, run once per image
+    with PerImageReader([paths["fast_rcnn"][0]]) as full, PerImageReader([paths["fast_rcnn_svd"][0]]) as svd:
+        assert len(heads) == len(full) and len(set(map(id, heads))) == 1
+        for i in range(len(full)):
+            assert all(np.array_equal(full.rows(n, i), svd.rows(n, i)) for n in ("boxes", "scores", "labels"))
+    facts = {name: runs.read(path)["seconds_per_image"] for name, (path, _) in paths.items()}
+    assert facts["fast_rcnn_svd"] == facts["fast_rcnn"]
+
 
 def test_a_model_of_other_classes_is_a_stale_model(spp_workspace, monkeypatch):
     from stages.core.config import load_config
@@ -77,7 +90,7 @@ def test_a_model_of_other_classes_is_a_stale_model(spp_workspace, monkeypatch):
     cfg = load_config()
     model = fast_rcnn_train.FastRcnn(cfg.finetune.arch, 1, "roi_pool", 2, 8, 0.0, 0, [0.0] * 4, [1.0] * 4)
     model.classes = ["other"]
-    monkeypatch.setattr(fast_rcnn_detect, "load_fast_rcnn", lambda path, folded=False: model.eval())
+    monkeypatch.setattr(fast_rcnn_detect, "load_fast_rcnn", lambda path, baked=False: model.eval())
     out = [layout.detections_file("fast_rcnn"), layout.coco_detections("fast_rcnn"),
            layout.detections_file("fast_rcnn_svd"), layout.coco_detections("fast_rcnn_svd")]
     with pytest.raises(ArtifactError, match="stale model; rerun fast_rcnn_train"):

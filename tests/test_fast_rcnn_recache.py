@@ -110,7 +110,8 @@ def test_the_cache_holds_the_models_own_features_and_the_post_hoc_stages_run_on_
         assert detections.attrs["recipe"] == RECIPE and detections.image_ids == index.image_ids
         image_id = detections.image_ids[0]
     assert "fc" in describe(layout.features_dir(RECIPE, cfg.data.test_split))
-    assert show.run(cfg.data.splits, cfg.sharding.num_shards, image_id, None, 0, recipe=RECIPE).is_file()
+    drawn = show.run(cfg.data.splits, cfg.sharding.num_shards, image_id, None, 0, recipe=RECIPE, drawing=cfg.evaluate)
+    assert drawn.is_file()
 
 
 def test_a_model_of_other_classes_is_stale_and_a_missing_one_names_its_stage(spp_workspace):

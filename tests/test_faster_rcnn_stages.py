@@ -122,6 +122,7 @@ def test_test_time_runs_one_conv_pass_per_image_and_counts_images_without_propos
     with PerImageReader([layout.index_file("test")]) as index, PerImageReader([out]) as found:
         assert passes == [1] * len(index)  # the proposals and the detections share each image's one pass
         assert found.image_ids == index.image_ids and found.attrs["without_proposals"] == 0
+        assert found.attrs["scores"] == "probability"
     nothing = dataclasses.replace(cfg.faster_rcnn, min_size=10_000.0)  # every proposal too small: none left
     faster_rcnn_detect.run(cfg.detect, cfg.fast_rcnn, nothing, "faster_rcnn", "test",
                            layout.faster_rcnn_model("faster_rcnn"), out, coco, num_workers=1)

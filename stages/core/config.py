@@ -333,6 +333,11 @@ class DetectParams:
         if not 0 < self.nms_iou <= 1 or self.max_per_class < 1:
             raise ConfigError(f"need 0 < nms_iou <= 1 and max_per_class >= 1, got {self.nms_iou}, {self.max_per_class}")
 
+    def score_kind(self, recipe: str) -> Literal["svm", "probability"]:
+        """What ``recipe``'s detection scores are: SVM margins (a feature recipe with the SVM scorer) or class
+        probabilities (every other recipe), so a drawing can pick a lowest score that means something."""
+        return "svm" if recipe in FEATURE_RECIPES and self.scorer == "svm" else "probability"
+
     @property
     def feature_recipes(self) -> tuple[str, ...]:
         """The recipes of ``recipes`` that go through svm, bbox and detect."""
@@ -515,10 +520,18 @@ class EvaluateParams:
     iou: float
     gallery: int
     gallery_score: float
+    gallery_probability: float
 
     def __post_init__(self) -> None:
         if not 0 < self.iou <= 1 or self.gallery < 0:
             raise ConfigError(f"need 0 < iou <= 1 and gallery >= 0, got {self.iou}, {self.gallery}")
+        if not 0 <= self.gallery_probability <= 1:
+            raise ConfigError(f"gallery_probability must be in [0, 1], got {self.gallery_probability}")
+
+    def lowest_drawn(self, score_kind: str) -> float:
+        """The lowest detection score a drawing shows: ``gallery_score`` for SVM margins, ``gallery_probability``
+        for probabilities (:meth:`DetectParams.score_kind`)."""
+        return self.gallery_score if score_kind == "svm" else self.gallery_probability
 
 
 @dataclass(frozen=True)

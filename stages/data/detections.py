@@ -20,11 +20,21 @@ from torchvision.ops import nms
 
 from stages.core.atomic import atomic_path
 from stages.core.config import DetectParams
-from stages.core.store import RowSpec, create_per_image
+from stages.core.store import ArtifactError, PerImageReader, RowSpec, create_per_image
 from stages.data import coco
 from stages.ops.boxes import as_boxes, clip_boxes
 
 ROWS = {"boxes": RowSpec((4,), np.float32), "scores": RowSpec((), np.float32), "labels": RowSpec((), np.int32)}
+SCORE_KINDS = ("svm", "probability")  # the ``scores`` attribute: SVM margins or class probabilities
+
+
+def score_kind(detections: PerImageReader) -> str:
+    """What an open detections file's scores are, one of :data:`SCORE_KINDS` (its ``scores`` attribute)."""
+    kind = detections.attrs.get("scores")
+    if kind not in SCORE_KINDS:
+        raise ArtifactError(f"{detections.paths[0]}: scores attribute {kind!r}, expected one of {list(SCORE_KINDS)} "
+                            "(written by an older version; rerun its detection stage)")
+    return str(kind)
 
 
 def select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, params: DetectParams) -> np.ndarray:
@@ -64,6 +74,9 @@ class DetectionWriter:
     """
 
     def __init__(self, out_path: Path, coco_path: Path, attrs: dict, classes: list[str]) -> None:
+        if attrs.get("scores") not in SCORE_KINDS:
+            raise ValueError(f"{out_path}: attrs need 'scores', one of {list(SCORE_KINDS)}; "
+                             f"got {attrs.get('scores')!r}")
         self.paths, self.attrs, self.classes = (out_path, coco_path), attrs, classes
         self.total = 0
         self._stack = ExitStack()

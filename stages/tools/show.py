@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.core.config import EvaluateParams
 from stages.core.errors import PipelineError
 from stages.core.layout import CACHE, detections_file, index_file, proposals_dir
 from stages.core.store import PerImageReader
+from stages.data.detections import score_kind
 from stages.data.images import load_image
 from stages.tools.drawing import draw_box, draw_detections, draw_ground_truth, image_axes, save
 
@@ -20,10 +22,12 @@ def _find(splits: tuple[str, ...], image_id: str) -> tuple[str, PerImageReader, 
 
 
 def run(splits: tuple[str, ...], num_shards: int, image_id: str, out: Path | None, num_proposals: int,
-        recipe: str | None = None, min_score: float = 0.0) -> Path:
+        recipe: str | None = None, min_score: float | None = None,
+        drawing: EvaluateParams | None = None) -> Path:
     """Draw ``image_id``: ground truth in green (difficult dashed), and either its first
     ``num_proposals`` proposals in yellow or, with ``recipe``, that recipe's detections
-    scoring at least ``min_score`` in red."""
+    scoring at least ``min_score`` in red (``None``: ``drawing``'s lowest score for the kind of scores the
+    detections have, :meth:`EvaluateParams.lowest_drawn`)."""
     split, index, i = _find(splits, image_id)
     with index:
         image = load_image(Path(index.attrs["data_root"]) / index.value("paths", i))
@@ -32,7 +36,7 @@ def run(splits: tuple[str, ...], num_shards: int, image_id: str, out: Path | Non
     fig, ax = image_axes(image)
     title = f"{image_id} ({split}): {len(gt_boxes)} ground-truth boxes"
     if recipe is not None:
-        title += _draw_detections(ax, recipe, image_id, classes, min_score)
+        title += _draw_detections(ax, recipe, image_id, classes, min_score, drawing)
     elif proposals_dir(split).is_dir():
         with PerImageReader.sharded(proposals_dir(split), num_shards) as proposals:
             boxes = proposals.rows("boxes", proposals.position(image_id))
@@ -46,7 +50,8 @@ def run(splits: tuple[str, ...], num_shards: int, image_id: str, out: Path | Non
     return out
 
 
-def _draw_detections(ax, recipe: str, image_id: str, classes: list[str], min_score: float) -> str:
+def _draw_detections(ax, recipe: str, image_id: str, classes: list[str], min_score: float | None,
+                     drawing: EvaluateParams | None) -> str:
     path = detections_file(recipe)
     if not path.is_file():
         raise PipelineError(f"{path}: no detections of recipe {recipe!r} (run its detection stage first: detect, fast_rcnn_detect or faster_rcnn_detect)")
@@ -55,6 +60,8 @@ def _draw_detections(ax, recipe: str, image_id: str, classes: list[str], min_sco
             raise PipelineError(f"image {image_id!r} is not in {path} (detections cover the test split)")
         k = detections.position(image_id)
         boxes, scores, labels = (detections.rows(n, k) for n in ("boxes", "scores", "labels"))
+        if min_score is None:
+            min_score = drawing.lowest_drawn(score_kind(detections))
     keep = scores >= min_score
     draw_detections(ax, boxes[keep], scores[keep], labels[keep], classes)
     return f", {int(keep.sum())} {recipe} detections scoring >= {min_score:g}"
