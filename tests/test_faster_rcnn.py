@@ -9,7 +9,8 @@ import torch
 
 from stages.core.config import load_config
 from stages.core.engine import write_torch
-from stages.models.fast_rcnn import FasterRcnn, load_fast_rcnn, model_file, pad_to_stride, propose_image, set_learning
+from stages.models.fast_rcnn import (FasterRcnn, PrefixNmsRpn, load_fast_rcnn, model_file, pad_to_stride, propose_image,
+                                     set_learning)
 from helpers import REPO
 
 
@@ -50,6 +51,31 @@ def test_anchor_labels_follow_the_two_thresholds_and_each_ground_truths_best_anc
     (labels,), (matched,) = network.assign_targets_to_anchors([anchors], [gt])
     assert labels.tolist() == [1, 1, -1, 0, 1, 0]  # 1 foreground, 0 background, -1 ignored
     assert matched[4].tolist() == [100, 100, 120, 120]
+
+
+@pytest.mark.parametrize("overlapping, nms_sizes", [(False, [6]), (True, [6, 12])])
+def test_proposal_nms_over_a_prefix_of_the_ranking_keeps_what_nms_over_all_keeps(params, monkeypatch, overlapping,
+                                                                                   nms_sizes):
+    """2 proposals after NMS from the best 12 boxes: the best 3 x 2 suffice, unless NMS keeps fewer than 2 of them."""
+    from torchvision.models.detection import rpn as torchvision_rpn
+
+    few = dataclasses.replace(params, test_pre_nms=12, test_proposals=2, min_size=1.0)
+    network = _model().proposal_network(few, training=False)
+    assert isinstance(network, PrefixNmsRpn) and PrefixNmsRpn.PREFIX_FACTOR == 3
+    boxes = torch.tensor([[10.0 * k, 0, 10.0 * k + 8, 8] for k in range(20)])  # disjoint, the best first
+    if overlapping:
+        boxes[:6] = boxes[0]  # the best six are one box: NMS keeps one of them, and the full NMS is needed
+    objectness = torch.linspace(5, -5, 20)[:, None]
+    sizes = []
+    nms = torchvision_rpn.box_ops.batched_nms
+    monkeypatch.setattr(torchvision_rpn.box_ops, "batched_nms",
+                        lambda b, s, i, t: sizes.append(len(b)) or nms(b, s, i, t))
+    (kept,), _ = network.filter_proposals(boxes[None], objectness, [(100, 300)], [20])
+    assert sizes == nms_sizes
+    (everything,), _ = torchvision_rpn.RegionProposalNetwork.filter_proposals(network, boxes[None], objectness,
+                                                                              [(100, 300)], [20])
+    assert sizes[-1] == 12 and torch.equal(kept, everything)
+    assert torch.equal(kept, boxes[[0, 6 if overlapping else 1]])
 
 
 def test_pad_to_stride_pads_bottom_and_right_with_the_colour():
