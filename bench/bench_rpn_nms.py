@@ -7,7 +7,8 @@ alternating steps 2 and 4. Greedy NMS over 12000 boxes costs about the square of
 3 x 2000 already keeps 2000, those are the same proposals. This times torchvision's proposal filtering (top-N,
 clipping, NMS) of one image's anchors at the default settings both ways, side by side in one process, on boxes
 and scores drawn at random over a 600 x 800 image (one map cell per 16 pixels, 9 anchors a cell), and checks
-that both keep the same boxes (boxes of equal score may come in another order). Printed: the median seconds each way and the ratio.
+that both keep the same boxes (boxes of equal score may come in another order). Printed: the median seconds
+each way and the ratio.
 """
 from __future__ import annotations
 
