@@ -7,8 +7,9 @@ most ``fast_rcnn.max_side``); the model's RPN on that map
 best boxes, those under ``min_size`` dropped, NMS at ``nms_iou``, the
 ``test_proposals`` best); every proposal through the detector's RoI head on the
 same map, then per class its probability and its own regressed box and the
-project's last step (:func:`stages.data.detections.suppress`), as
-``fast_rcnn_detect`` does with selective search's boxes
+project's last step (:func:`stages.data.detections.suppress`, its per-class
+NMS at ``faster_rcnn.detection_nms_iou``), as ``fast_rcnn_detect`` does with
+selective search's boxes
 (:func:`stages.fast_rcnn_detect.head_outputs`, :func:`~stages.fast_rcnn_detect.detections`).
 
 Recipes: ``faster_rcnn`` (the alternating training's final model: step 5's
@@ -67,6 +68,7 @@ def run(
     num_workers: int = 0,
 ) -> None:
     """Detect with Faster R-CNN model ``recipe`` on ``test_split``."""
+    params = faster_rcnn.detection_params(params)
     model, device = load_rpn(model_path), pick_device()
     model.to(device)
     index_path = index_file(test_split)
@@ -80,7 +82,8 @@ def run(
             "scores": params.score_kind(recipe),
             "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"},
                        "fast_rcnn": {k: getattr(fast_rcnn, k) for k in ("scales", "max_side", "roi_chunk")},
-                       "faster_rcnn": {k: v for k, v in as_dict(faster_rcnn).items() if k in RPN_PROPOSAL_KEYS}},
+                       "faster_rcnn": {k: v for k, v in as_dict(faster_rcnn).items()
+                                       if k in (*RPN_PROPOSAL_KEYS, "detection_nms_iou")}},
             "code_version": code_version("faster_rcnn_detect"),
             "inputs": {"index": file_digest(index_path), "model": file_digest(model_path)},
         }

@@ -244,7 +244,7 @@ TABLE: tuple[Stage, ...] = (
     Stage(
         name="faster_rcnn_detect", help="Faster R-CNN detections on the test split: RPN and detector, one conv pass",
         fan_out=("recipe",), recipes="detect.faster_rcnn_recipes",
-        params=("data.test_split", "detect.max_per_class", "detect.nms_iou", "detect.score_threshold",
+        params=("data.test_split", "detect.max_per_class", "detect.score_threshold", "faster_rcnn.detection_nms_iou",
                 "fast_rcnn.max_side", "fast_rcnn.roi_chunk", "fast_rcnn.scales",
                 *(f"faster_rcnn.{k}" for k in RPN_PROPOSAL_KEYS)),
         inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.test_split),

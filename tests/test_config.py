@@ -276,6 +276,18 @@ def test_scores_are_svm_margins_only_for_feature_recipes_with_the_svm_scorer(tmp
         RAW["evaluate"]["gallery_score"], RAW["evaluate"]["gallery_probability"])
 
 
+def test_faster_rcnn_detections_take_their_own_nms_and_everything_else_from_detect(tmp_path: Path) -> None:
+    cfg = load_config(_modified(tmp_path, "faster_rcnn", "detection_nms_iou", 0.45))
+    detect = cfg.faster_rcnn.detection_params(cfg.detect)
+    assert detect.nms_iou == 0.45 != cfg.detect.nms_iou
+    assert dataclasses.replace(detect, nms_iou=cfg.detect.nms_iou) == cfg.detect
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5])
+def test_faster_rcnn_detection_nms_is_an_iou(tmp_path: Path, value: float) -> None:
+    assert "0 < detection_nms_iou <= 1" in _error(_modified(tmp_path, "faster_rcnn", "detection_nms_iou", value))
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_gallery_probability_is_a_probability(tmp_path: Path, value: float) -> None:
     path = _modified(tmp_path, "evaluate", "gallery_probability", value)

@@ -123,6 +123,8 @@ def test_test_time_runs_one_conv_pass_per_image_and_counts_images_without_propos
         assert passes == [1] * len(index)  # the proposals and the detections share each image's one pass
         assert found.image_ids == index.image_ids and found.attrs["without_proposals"] == 0
         assert found.attrs["scores"] == "probability"
+        nms = found.json_attr("params")["detect"]["nms_iou"]
+    assert nms == cfg.faster_rcnn.detection_nms_iou != cfg.detect.nms_iou  # the branch's own per-class NMS
     nothing = dataclasses.replace(cfg.faster_rcnn, min_size=10_000.0)  # every proposal too small: none left
     faster_rcnn_detect.run(cfg.detect, cfg.fast_rcnn, nothing, "faster_rcnn", "test",
                            layout.faster_rcnn_model("faster_rcnn"), out, coco, num_workers=1)

@@ -317,7 +317,8 @@ class DetectParams:
     scores or the cached network's softmax probabilities, and
     ``box_regression`` their ridge box regressors (for ``fast_rcnn_svm`` too:
     the regressors trained on its cached pool features, never the model's own
-    ``bbox_pred``). NMS, the cap and the score threshold apply to every recipe.
+    ``bbox_pred``). The cap and the score threshold apply to every recipe, NMS
+    to every recipe but Faster R-CNN's (:meth:`FasterRcnnParams.detection_params`).
     """
 
     recipes: tuple[Recipe, ...]
@@ -478,7 +479,9 @@ class FasterRcnnParams:
     truth's best anchor), background below ``bg_iou``, and samples
     ``anchors_per_image`` with at most ``positive_fraction`` foreground. Proposals:
     the ``*_pre_nms`` best-scoring boxes, those with a side under ``min_size``
-    removed, NMS at ``nms_iou``, the ``*_proposals`` best kept.
+    removed, NMS at ``nms_iou``, the ``*_proposals`` best kept. The detections of
+    both Faster R-CNN recipes go through per-class NMS at ``detection_nms_iou``
+    (:meth:`detection_params`) instead of ``detect.nms_iou``.
     """
 
     anchor_sizes: tuple[int, ...]
@@ -493,6 +496,7 @@ class FasterRcnnParams:
     train_proposals: int
     test_pre_nms: int
     test_proposals: int
+    detection_nms_iou: float
     step1: RpnSchedule
     step4: RpnSchedule
 
@@ -506,11 +510,17 @@ class FasterRcnnParams:
                self.test_proposals) < 1 or not 0 < self.nms_iou <= 1 or self.min_size < 0:
             raise ConfigError("anchors_per_image and the proposal counts must be at least 1, 0 < nms_iou <= 1 "
                               "and min_size >= 0")
+        if not 0 < self.detection_nms_iou <= 1:
+            raise ConfigError(f"need 0 < detection_nms_iou <= 1, got {self.detection_nms_iou}")
 
     def proposal_counts(self, training: bool) -> tuple[int, int]:
         """``(pre-NMS, post-NMS)`` proposals per image: the training counts (the proposals a detector trains on)
         or the test counts."""
         return (self.train_pre_nms, self.train_proposals) if training else (self.test_pre_nms, self.test_proposals)
+
+    def detection_params(self, detect: DetectParams) -> DetectParams:
+        """``detect`` with this branch's per-class NMS, ``detection_nms_iou``, in place of ``detect.nms_iou``."""
+        return dataclasses.replace(detect, nms_iou=self.detection_nms_iou)
 
 
 @dataclass(frozen=True)

@@ -213,12 +213,12 @@ def faster_rcnn_detector(cfg: Config, recipe: str, classes: list[str], device: t
         raise ArtifactError(f"{layout.faster_rcnn_model(recipe)}: trained for classes {model.classes}, not the "
                             f"index's {classes} (stale model; rerun its training stage)")
     model.to(device)
-    fast = cfg.fast_rcnn
+    fast, detect = cfg.fast_rcnn, cfg.faster_rcnn.detection_params(cfg.detect)
 
     def detect_image(path: Path, image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
         (resized,), (factor,) = scaled_images(path, fast.scales[:1], fast.max_side, pin=device.type == "cuda")
         conv, boxes = image_proposals(model, resized, factor, cfg.faster_rcnn, device)
-        return image_detections(model, conv, boxes, factor, image_size(image), cfg.detect, fast.roi_chunk), len(boxes)
+        return image_detections(model, conv, boxes, factor, image_size(image), detect, fast.roi_chunk), len(boxes)
 
     return detect_image
 
