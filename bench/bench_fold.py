@@ -1,4 +1,5 @@
-"""What folding the frozen batch norms into the convs saves in training (:func:`stages.models.fast_rcnn.fold_batch_norms`).
+"""What folding the frozen batch norms into the convs saves in training
+(:func:`stages.models.batch_norms.fold_batch_norms`).
 
 One training step of the conv trunk that Fast R-CNN and Faster R-CNN train (forward, a loss on the conv map,
 backward), on a mini-batch shaped as ``fast_rcnn``'s default one (``images_per_batch`` images, the shorter side
@@ -21,7 +22,7 @@ import torch
 from bench.common import REPO, print_table
 from stages.core.config import load_config
 from stages.models.backbones import build_backbone
-from stages.models.fast_rcnn import fold_batch_norms, freeze_batch_norms
+from stages.models.batch_norms import fold_batch_norms, freeze_batch_norms
 
 ROUNDS = 5
 

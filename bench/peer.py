@@ -36,7 +36,7 @@ from stages.core.store import PerImageReader
 from stages.data.detections import DetectionWriter
 from stages.data.images import load_image
 from stages.models.backbones import build_backbone
-from stages.models.fast_rcnn import freeze_batch_norms
+from stages.models.batch_norms import freeze_batch_norms
 
 RECIPE = "torchvision_peer"
 PEER = layout.CACHE / "peer"

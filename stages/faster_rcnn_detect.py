@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from stages.core import runs
-from stages.core.config import RPN_PROPOSAL_KEYS, DetectParams, FasterRcnnParams, FastRcnnParams, as_dict
+from stages.core.config import FASTER_DETECT_KEYS, DetectParams, FasterRcnnParams, FastRcnnParams, as_dict
 from stages.core.device import pick_device
 from stages.core.layout import index_file
 from stages.core.provenance import code_version, file_digest
@@ -80,10 +80,8 @@ def run(
         attrs = {
             "stage": "faster_rcnn_detect", "recipe": recipe, "classes": classes, "split": test_split,
             "scores": params.score_kind(recipe),
-            "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"},
-                       "fast_rcnn": {k: getattr(fast_rcnn, k) for k in ("scales", "max_side", "roi_chunk")},
-                       "faster_rcnn": {k: v for k, v in as_dict(faster_rcnn).items()
-                                       if k in (*RPN_PROPOSAL_KEYS, "detection_nms_iou")}},
+            "params": {name: {k: as_dict(section)[k] for k in FASTER_DETECT_KEYS[name]}
+                       for name, section in (("detect", params), ("fast_rcnn", fast_rcnn), ("faster_rcnn", faster_rcnn))},
             "code_version": code_version("faster_rcnn_detect"),
             "inputs": {"index": file_digest(index_path), "model": file_digest(model_path)},
         }

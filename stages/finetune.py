@@ -14,7 +14,11 @@ image (:func:`stages.ops.warp.warp_regions`), mirrored with probability 1/2 if
 ``mirror``, and normalised with the backbone's mean and std.
 
 The backbone (``build_backbone(arch, weights)``) gets a fresh ``N + 1``-way
-classifier and is trained with cross-entropy by the training engine
+classifier, its batch norms frozen with their ImageNet statistics and folded
+into the convs (:func:`stages.models.batch_norms.fold_batch_norms`: mini-batches
+of windows, three quarters background, are not what the statistics should
+describe; README, "R-CNN's fine-tuning"), and is trained with cross-entropy by
+the training engine
 (:func:`stages.core.engine.train`: SGD with momentum and weight decay, a step
 learning rate, autocast on CUDA, float32 on the CPU, checkpoints every
 ``checkpoint_every`` iterations from which a rerun resumes to the same bytes).
@@ -52,6 +56,7 @@ from stages.core.provenance import code_version, file_digest
 from stages.core.store import PerImageReader, shard_path
 from stages.data.images import load_image
 from stages.models.backbones import build_backbone
+from stages.models.batch_norms import fold_batch_norms
 from stages.ops.boxes import as_boxes, box_iou
 from stages.ops.sampling import assign_labels, sample_batch
 from stages.ops.warp import to_tensor_batch, warp_regions
@@ -187,6 +192,7 @@ def run(
     torch.manual_seed(params.seed)
     model = build_backbone(params.arch, params.weights)
     model.replace_classifier(len(classes) + 1)
+    fold_batch_norms(model)
     model_file = {
         "arch": params.arch,
         "classes": classes,

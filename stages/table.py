@@ -28,8 +28,8 @@ entry below, then ``make dvc.yaml``.
 from __future__ import annotations
 
 from stages.core import layout
-from stages.core.config import (FASTER_RCNN_RECIPES, RECIPES, RPN_FAST_RCNN_KEYS, RPN_KEYS, RPN_PROPOSAL_KEYS,
-                                SPP_PYRAMID_KEYS, SVD_SUFFIX, SVM_SUFFIX, FastRcnnParams)
+from stages.core.config import (FASTER_DETECT_KEYS, FASTER_RCNN_RECIPES, RECIPES, RPN_FAST_RCNN_KEYS, RPN_KEYS,
+                                RPN_PROPOSAL_KEYS, SPP_PYRAMID_KEYS, SVD_SUFFIX, SVM_SUFFIX, FastRcnnParams)
 from stages.core.stage import Output, Refs, Stage, metrics, plot
 
 SELECTIVE_SEARCH_RECIPES = tuple(r for r in RECIPES if r not in FASTER_RCNN_RECIPES)  # Faster R-CNN proposes its own
@@ -244,9 +244,7 @@ TABLE: tuple[Stage, ...] = (
     Stage(
         name="faster_rcnn_detect", help="Faster R-CNN detections on the test split: RPN and detector, one conv pass",
         fan_out=("recipe",), recipes="detect.faster_rcnn_recipes",
-        params=("data.test_split", "detect.max_per_class", "detect.score_threshold", "faster_rcnn.detection_nms_iou",
-                "fast_rcnn.max_side", "fast_rcnn.roi_chunk", "fast_rcnn.scales",
-                *(f"faster_rcnn.{k}" for k in RPN_PROPOSAL_KEYS)),
+        params=("data.test_split", *(f"{section}.{k}" for section, keys in FASTER_DETECT_KEYS.items() for k in keys)),
         inputs=lambda r: {"images": r.data_root, "index": layout.index_file(r.test_split),
                           "model_path": layout.faster_rcnn_model(r.recipe)},
         outputs=lambda r: {"out_path": Output(layout.detections_file(r.recipe)),

@@ -12,7 +12,8 @@ from torchvision.ops import FrozenBatchNorm2d, roi_pool
 from stages.core.engine import write_torch
 from stages.core.store import ArtifactError
 from stages.models.backbones import build_backbone
-from stages.models.fast_rcnn import FastRcnn, fold_batch_norms, freeze_batch_norms, load_fast_rcnn, model_file
+from stages.models.batch_norms import fold_batch_norms, freeze_batch_norms
+from stages.models.fast_rcnn import FastRcnn, load_fast_rcnn, model_file
 from stages.ops.spp import pyramid_pool
 
 

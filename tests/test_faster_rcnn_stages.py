@@ -116,6 +116,9 @@ def test_test_time_runs_one_conv_pass_per_image_and_counts_images_without_propos
     passes = []
     conv = FasterRcnn.conv
     monkeypatch.setattr(FasterRcnn, "conv", lambda self, images: passes.append(len(images)) or conv(self, images))
+    nms = set()
+    detections = faster_rcnn_detect.detections
+    monkeypatch.setattr(faster_rcnn_detect, "detections", lambda *args: nms.add(args[-1].nms_iou) or detections(*args))
     out, coco = layout.detections_file("faster_rcnn"), layout.coco_detections("faster_rcnn")
     faster_rcnn_detect.run(cfg.detect, cfg.fast_rcnn, cfg.faster_rcnn, "faster_rcnn", "test",
                            layout.faster_rcnn_model("faster_rcnn"), out, coco, num_workers=1)
@@ -123,8 +126,8 @@ def test_test_time_runs_one_conv_pass_per_image_and_counts_images_without_propos
         assert passes == [1] * len(index)  # the proposals and the detections share each image's one pass
         assert found.image_ids == index.image_ids and found.attrs["without_proposals"] == 0
         assert found.attrs["scores"] == "probability"
-        nms = found.json_attr("params")["detect"]["nms_iou"]
-    assert nms == cfg.faster_rcnn.detection_nms_iou != cfg.detect.nms_iou  # the branch's own per-class NMS
+        recorded = found.json_attr("params")["faster_rcnn"]["detection_nms_iou"]
+    assert nms == {recorded} == {cfg.faster_rcnn.detection_nms_iou} != {cfg.detect.nms_iou}  # the branch's own NMS
     nothing = dataclasses.replace(cfg.faster_rcnn, min_size=10_000.0)  # every proposal too small: none left
     faster_rcnn_detect.run(cfg.detect, cfg.fast_rcnn, nothing, "faster_rcnn", "test",
                            layout.faster_rcnn_model("faster_rcnn"), out, coco, num_workers=1)

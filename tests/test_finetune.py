@@ -1,4 +1,5 @@
-"""Stage ``finetune``: mini-batch sampling, a tiny training run, determinism, a killed run resumed, errors."""
+"""Stage ``finetune``: mini-batch sampling, a tiny training run, determinism, frozen batch norms, a killed run resumed,
+errors."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO
+from torch import nn
 
 from stages import finetune, proposals
 from stages.core import layout
@@ -20,6 +22,8 @@ from stages.core.faults import KILL_AT
 from stages.core.layout import checkpoint_file
 from stages.core.store import ArtifactError
 from stages.finetune import batch_plan
+from stages.models.backbones import build_backbone
+from stages.models.batch_norms import bake_folded_weights, fold_batch_norms
 from stages.models.finetuned import load_model
 from stages.ops.sampling import SamplingError
 
@@ -87,6 +91,24 @@ def test_tiny_run_trains_saves_and_is_deterministic(workspace, tiny_config):
     saved = torch.load(workspace / "m1.pt", weights_only=True)
     assert saved["num_classes"] == len(classes) + 1 and saved["padding"] == params.padding
     assert not list(workspace.glob(".m1.pt.*"))  # no temporaries left
+
+
+@pytest.mark.slow
+def test_batch_norms_keep_their_imagenet_statistics(workspace, tiny_config):
+    cfg = tiny_config
+    split = cfg.data.train_split
+    _proposals(cfg, split)
+    params = _tiny(cfg, weights="imagenet", max_iterations=2)
+    finetune.run(params, split, cfg.sharding.num_shards, workspace / "m.pt", workspace / "c.csv", num_workers=1)
+    trained = load_model(workspace / "m.pt")
+    imagenet = bake_folded_weights(fold_batch_norms(build_backbone(params.arch, "imagenet", len(trained.classes) + 1)))
+
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trained.modules())
+    shifts, reference = dict(trained.named_buffers()), dict(imagenet.named_buffers())
+    folded = [name for name in reference if name.endswith(".bias")]
+    assert len(folded) > 40 and all(torch.equal(shifts[name], reference[name]) for name in folded)
+    weights, start = dict(trained.named_parameters()), dict(imagenet.named_parameters())
+    assert not torch.equal(weights["features.0.weight"], start["features.0.weight"])  # the convs learned
 
 
 @pytest.mark.slow

@@ -466,6 +466,9 @@ RPN_KEYS = ("anchor_sizes", "aspect_ratios", "fg_iou", "bg_iou", "anchors_per_im
 RPN_FAST_RCNN_KEYS = ("scales", "max_side", "mirror", "images_per_batch", "seed", "fg_iou", "pooling", "pool_size",
                       "hidden", "dropout", "learn_from", "target_means", "target_stds")
 RPN_PROPOSAL_KEYS = ("nms_iou", "min_size", "train_pre_nms", "train_proposals", "test_pre_nms", "test_proposals")
+# What Faster R-CNN's test stage reads of each section: its stage-table dependencies and its detections' record.
+FASTER_DETECT_KEYS = {"detect": ("max_per_class", "score_threshold"), "fast_rcnn": ("scales", "max_side", "roi_chunk"),
+                      "faster_rcnn": (*RPN_PROPOSAL_KEYS, "detection_nms_iou")}
 
 
 @dataclass(frozen=True)
