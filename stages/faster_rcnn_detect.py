@@ -80,8 +80,8 @@ def run(
         attrs = {
             "stage": "faster_rcnn_detect", "recipe": recipe, "classes": classes, "split": test_split,
             "scores": params.score_kind(recipe),
-            "params": {name: {k: as_dict(section)[k] for k in FASTER_DETECT_KEYS[name]}
-                       for name, section in (("detect", params), ("fast_rcnn", fast_rcnn), ("faster_rcnn", faster_rcnn))},
+            "params": {name: {k: as_dict(section)[k] for k in FASTER_DETECT_KEYS[name]} for name, section
+                       in (("detect", params), ("fast_rcnn", fast_rcnn), ("faster_rcnn", faster_rcnn))},
             "code_version": code_version("faster_rcnn_detect"),
             "inputs": {"index": file_digest(index_path), "model": file_digest(model_path)},
         }
