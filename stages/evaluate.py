@@ -69,7 +69,7 @@ from stages.core.config import EvaluateParams  # noqa: E402
 from stages.core.layout import index_file  # noqa: E402
 from stages.core.store import ArtifactError, PerImageReader  # noqa: E402
 from stages.data import coco  # noqa: E402
-from stages.data.detections import score_kind  # noqa: E402
+from stages.data.detections import read_score_kind  # noqa: E402
 from stages.data.images import load_image  # noqa: E402
 from stages.ops.boxes import box_iou  # noqa: E402
 from stages.tools.drawing import draw_detections, draw_ground_truth, image_axes, save  # noqa: E402
@@ -279,7 +279,7 @@ def _check_detections(detections: PerImageReader, index: PerImageReader, recipe:
             f"{index.json_attr('classes')} (stale artifact; rerun the detect stage)"
         )
     detections.require_images_of(index)
-    score_kind(detections)
+    read_score_kind(detections)
 
 
 def _read(index: PerImageReader, detections: PerImageReader, i: int) -> ImageResult:
@@ -312,7 +312,7 @@ def coco_summary(index: PerImageReader, results_path: Path, ground_truth_path: P
 def _gallery(index: PerImageReader, detections: PerImageReader, params: EvaluateParams, folder: Path) -> None:
     classes = index.json_attr("classes")
     folder.mkdir()
-    lowest = params.lowest_drawn(score_kind(detections))
+    lowest = params.lowest_drawn(read_score_kind(detections))
     for i in range(min(params.gallery, len(index))):
         result = _read(index, detections, i)
         shown = result.scores >= lowest

@@ -317,6 +317,14 @@ def test_bad_training_schedules(tmp_path: Path, section: str, key: str, value: A
     assert error in _error(_modified(tmp_path, section, key, value))
 
 
+@pytest.mark.parametrize("section, key, value", [
+    ("finetune", "positive_fraction", 1.5), ("finetune", "fg_iou", 0.0), ("sppnet", "positive_fraction", -0.1),
+    ("sppnet", "fg_iou", 1.2),
+])
+def test_bad_window_sampling(tmp_path: Path, section: str, key: str, value: float) -> None:
+    assert "need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1" in _error(_modified(tmp_path, section, key, value))
+
+
 def test_bad_rpn_step_schedule(tmp_path: Path) -> None:
     raw = copy.deepcopy(RAW)
     raw["faster_rcnn"]["step4"]["epochs"] = -1.0

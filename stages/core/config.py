@@ -167,6 +167,14 @@ def check_schedule(section: Any) -> None:
         raise ConfigError(f"warmup must be at least 0, got {section.warmup}")
 
 
+def check_sampling(section: Any) -> None:
+    """Validate a section's mini-batch make-up: at most ``positive_fraction`` of it foreground, a region being
+    foreground at IoU >= ``fg_iou`` with a ground truth."""
+    if not 0 <= section.positive_fraction <= 1 or not 0 < section.fg_iou <= 1:
+        raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1, got {section.positive_fraction}, "
+                          f"{section.fg_iou}")
+
+
 @dataclass(frozen=True)
 class FinetuneParams:
     """Fine-tuning the ImageNet backbone on warped regions (stage ``finetune``, R-CNN step 2)."""
@@ -191,11 +199,11 @@ class FinetuneParams:
     def __post_init__(self) -> None:
         check_schedule(self)
         if self.input_size < 1 or not 0 <= self.padding < self.input_size / 2:
-            raise ConfigError(f"need input_size >= 1 and 0 <= padding < input_size / 2, got {self.input_size}, {self.padding}")
+            raise ConfigError(f"need input_size >= 1 and 0 <= padding < input_size / 2, got {self.input_size}, "
+                              f"{self.padding}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if not 0 <= self.positive_fraction <= 1 or not 0 < self.fg_iou <= 1:
-            raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1, got {self.positive_fraction}, {self.fg_iou}")
+        check_sampling(self)
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,8 @@ class FeatureParams:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or not 0 <= self.compression <= 9:
-            raise ConfigError(f"need batch_size >= 1 and 0 <= compression <= 9, got {self.batch_size}, {self.compression}")
+            raise ConfigError(f"need batch_size >= 1 and 0 <= compression <= 9, got {self.batch_size}, "
+                              f"{self.compression}")
 
 
 SPP_PYRAMID_KEYS = ("scales", "max_side", "levels")  # what spp_features reads: the rest only trains the fc layers
@@ -257,8 +266,7 @@ class SppParams:
             raise ConfigError(f"levels must be distinct positive grid sizes, got {list(self.levels)}")
         if min(self.hidden, self.batch_size) < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("hidden and batch_size must be at least 1, and 0 <= dropout < 1")
-        if not 0 <= self.positive_fraction <= 1 or not 0 < self.fg_iou <= 1:
-            raise ConfigError(f"need 0 <= positive_fraction <= 1 and 0 < fg_iou <= 1, got {self.positive_fraction}, {self.fg_iou}")
+        check_sampling(self)
 
 
 @dataclass(frozen=True)
@@ -284,7 +292,8 @@ class SvmParams:
         if min(self.norm_sample, self.retrain_every, self.passes) < 1 or not 0 <= self.neg_iou < 1:
             raise ConfigError("norm_sample, retrain_every and passes must be at least 1, and 0 <= neg_iou < 1")
         if self.easy_threshold >= self.hard_threshold:
-            raise ConfigError(f"easy_threshold ({self.easy_threshold}) must be below hard_threshold ({self.hard_threshold})")
+            raise ConfigError(f"easy_threshold ({self.easy_threshold}) must be below hard_threshold "
+                              f"({self.hard_threshold})")
 
 
 @dataclass(frozen=True)
@@ -376,7 +385,8 @@ FAST_RCNN_TEST_KEYS = ("svd_ranks",)  # read at test time only: changing them ne
 
 @dataclass(frozen=True)
 class FastRcnnParams:
-    """Fast R-CNN (stages ``fast_rcnn_train`` and ``fast_rcnn_detect``); the conv layers are ``finetune.arch``/``weights``.
+    """Fast R-CNN (stages ``fast_rcnn_train`` and ``fast_rcnn_detect``); the conv layers are
+    ``finetune.arch``/``weights``.
 
     The sampler is the recipe's: ``fast_rcnn`` samples hierarchically
     (``rois_per_image`` RoIs per image, ``positive_fraction`` of them with IoU
@@ -433,7 +443,8 @@ class FastRcnnParams:
         if len(self.target_means) != 4 or len(self.target_stds) != 4 or min(self.target_stds) <= 0:
             raise ConfigError("target_means and target_stds need 4 values each, the stds positive")
         if self.svd_ranks and (len(self.svd_ranks) != 2 or min(self.svd_ranks) < 1):
-            raise ConfigError(f"svd_ranks must be [] or [fc6 rank, fc7 rank], both at least 1, got {list(self.svd_ranks)}")
+            raise ConfigError(f"svd_ranks must be [] or [fc6 rank, fc7 rank], both at least 1, got "
+                              f"{list(self.svd_ranks)}")
 
     @classmethod
     def training_keys(cls) -> tuple[str, ...]:
@@ -504,7 +515,8 @@ class FasterRcnnParams:
     step4: RpnSchedule
 
     def __post_init__(self) -> None:
-        if not self.anchor_sizes or min(self.anchor_sizes) < 1 or not self.aspect_ratios or min(self.aspect_ratios) <= 0:
+        if (not self.anchor_sizes or min(self.anchor_sizes) < 1
+                or not self.aspect_ratios or min(self.aspect_ratios) <= 0):
             raise ConfigError("anchor_sizes must be positive pixel sizes and aspect_ratios positive, both non-empty")
         if not 0 <= self.bg_iou <= self.fg_iou <= 1 or not 0 < self.positive_fraction <= 1:
             raise ConfigError(f"need 0 <= bg_iou <= fg_iou <= 1 and 0 < positive_fraction <= 1, got {self.bg_iou}, "

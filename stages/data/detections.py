@@ -28,7 +28,7 @@ ROWS = {"boxes": RowSpec((4,), np.float32), "scores": RowSpec((), np.float32), "
 SCORE_KINDS = ("svm", "probability")  # the ``scores`` attribute: SVM margins or class probabilities
 
 
-def score_kind(detections: PerImageReader) -> str:
+def read_score_kind(detections: PerImageReader) -> str:
     """What an open detections file's scores are, one of :data:`SCORE_KINDS` (its ``scores`` attribute)."""
     kind = detections.attrs.get("scores")
     if kind not in SCORE_KINDS:

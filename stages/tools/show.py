@@ -7,7 +7,7 @@ from stages.core.config import EvaluateParams
 from stages.core.errors import PipelineError
 from stages.core.layout import CACHE, detections_file, index_file, proposals_dir
 from stages.core.store import PerImageReader
-from stages.data.detections import score_kind
+from stages.data.detections import read_score_kind
 from stages.data.images import load_image
 from stages.tools.drawing import draw_box, draw_detections, draw_ground_truth, image_axes, save
 
@@ -61,7 +61,7 @@ def _draw_detections(ax, recipe: str, image_id: str, classes: list[str], min_sco
         k = detections.position(image_id)
         boxes, scores, labels = (detections.rows(n, k) for n in ("boxes", "scores", "labels"))
         if min_score is None:
-            min_score = drawing.lowest_drawn(score_kind(detections))
+            min_score = drawing.lowest_drawn(read_score_kind(detections))
     keep = scores >= min_score
     draw_detections(ax, boxes[keep], scores[keep], labels[keep], classes)
     return f", {int(keep.sum())} {recipe} detections scoring >= {min_score:g}"
