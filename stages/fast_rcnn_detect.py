@@ -70,6 +70,13 @@ def detections(
     return suppress(candidates, scores[rows, labels], labels, size, params)
 
 
+def svd_attrs(attrs: dict, recipe: str, ranks: tuple[int, ...]) -> dict:
+    """The ``_svd`` detections' provenance: the full head's plus the ranks, which only the ``_svd`` file records,
+    so that a change of ranks leaves the full head's detections byte-identical and their evaluation not rerun."""
+    params = {**attrs["params"], "fast_rcnn": {**attrs["params"]["fast_rcnn"], "svd_ranks": list(ranks)}}
+    return {**attrs, "recipe": recipe + SVD_SUFFIX, "params": params}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -105,7 +112,7 @@ def run(
         attrs = {
             "stage": "fast_rcnn_detect", "classes": classes, "split": test_split, "scores": params.score_kind(recipe),
             "params": {"detect": {k: v for k, v in as_dict(params).items() if k != "recipes"},
-                       "fast_rcnn": {k: getattr(fast_rcnn, k) for k in ("scales", "max_side", "roi_chunk", "svd_ranks")}},
+                       "fast_rcnn": {k: getattr(fast_rcnn, k) for k in ("scales", "max_side", "roi_chunk")}},
             "code_version": code_version("fast_rcnn_detect"),
             "inputs": {"index": file_digest(index_path), "model": file_digest(model_path),
                        **{str(p): file_digest(p) for p in proposals.paths}},
@@ -116,7 +123,7 @@ def run(
         seconds = {"conv": 0.0, **{name: 0.0 for name in heads}}
         start = time.perf_counter()
         with DetectionWriter(out_path, coco_path, {**attrs, "recipe": recipe}, classes) as full, \
-                DetectionWriter(svd_path, svd_coco_path, {**attrs, "recipe": recipe + SVD_SUFFIX}, classes) as svd, \
+                DetectionWriter(svd_path, svd_coco_path, svd_attrs(attrs, recipe, fast_rcnn.svd_ranks), classes) as svd, \
                 torch.inference_mode():
             writers = {recipe: full, recipe + SVD_SUFFIX: svd}
             for i, (image, factor) in enumerate(tqdm(loader, total=len(index), desc=f"fast_rcnn_detect {recipe}",

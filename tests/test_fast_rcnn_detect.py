@@ -58,7 +58,7 @@ def test_tiny_detection_writes_both_heads_in_the_detect_format(spp_workspace, mo
             PerImageReader([layout.index_file(cfg.data.test_split)]) as index:
         assert full.image_ids == index.image_ids and full.attrs["recipe"] == "fast_rcnn"
         assert full.attrs["scores"] == svd.attrs["scores"] == "probability"
-        assert svd.attrs["recipe"] == "fast_rcnn_svd" and json.loads(full.attrs["params"])["fast_rcnn"]["svd_ranks"]
+        assert svd.attrs["recipe"] == "fast_rcnn_svd" and "svd_ranks" not in json.loads(full.attrs["params"])["fast_rcnn"]
         for i in range(len(full)):
             np.testing.assert_allclose(svd.rows("scores", i), full.rows("scores", i), rtol=1e-3, atol=1e-5)
             labels = full.rows("labels", i)
@@ -68,9 +68,11 @@ def test_tiny_detection_writes_both_heads_in_the_detect_format(spp_workspace, mo
     facts = runs.read(paths["fast_rcnn_svd"][0])
     assert facts["seconds_per_image"] >= facts["conv_seconds_per_image"] > 0
 
-    detect((4, 2))
+    full_bytes = paths["fast_rcnn"][0].read_bytes()
+    detect((4, 2))  # only the _svd file records the ranks: the full head's detections keep their bytes
     with PerImageReader([paths["fast_rcnn_svd"][0]]) as svd:
         assert json.loads(svd.attrs["params"])["fast_rcnn"]["svd_ranks"] == [4, 2]
+    assert paths["fast_rcnn"][0].read_bytes() == full_bytes
 
     heads = []
     monkeypatch.setattr(fast_rcnn_detect, "head_outputs",
