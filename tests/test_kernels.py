@@ -9,15 +9,58 @@ import pytest
 
 from helpers import REPO
 from stages.core import kernels
-from stages.core.kernels import PINNED_CPU_KERNELS, X86_64, loaded_openblas_kernels, pin_cpu_kernels
+from stages.core.kernels import (MKL_VENDOR_ANSWERS, PINNED_CPU_KERNELS, X86_64, ZEN_KERNEL_FLAGS, cpu_flags,
+                                  loaded_openblas_kernels, mkl_vendor_answers, pin_cpu_kernels)
 
 x86_only = pytest.mark.skipif(not X86_64, reason="the pins name x86 instruction sets")
+zen_kernels = pytest.mark.skipif(not X86_64 or not ZEN_KERNEL_FLAGS <= cpu_flags(),
+                                 reason="MKL's vendor is pinned on x86-64 CPUs with AVX2 and FMA")
+# A float32 product through MKL's Zen kernels, as an AMD EPYC computes it (and, emulated, an Intel Xeon whose
+# vendor checks an LD_PRELOAD library answered as AMD's: that emulation reproduced an AMD EPYC's trained models
+# to the byte). MKL's Intel kernels round it differently (AVX2 branch 3704899e..., COMPATIBLE 1b6e0ced...).
+ZEN_PRODUCT_MD5 = "a84ff28e6171c1d1279cd417fadf6c45"
+PRODUCT = ("import hashlib, numpy, torch\n"
+           "a = torch.from_numpy((numpy.arange(64 * 512) % 1009 / 1009).astype(numpy.float32).reshape(64, 512))\n"
+           "b = torch.from_numpy((numpy.arange(512 * 256) % 997 / 997 - 0.5).astype(numpy.float32).reshape(512, 256))\n"
+           "print(hashlib.md5((a @ b).numpy().tobytes()).hexdigest())")
 
 
 @x86_only
 def test_the_test_process_runs_pinned():
     assert all(os.environ.get(name) == value for name, value in PINNED_CPU_KERNELS.items())
     assert loaded_openblas_kernels() == {"Haswell"}  # numpy's and scipy's OpenBLAS, loaded after the pin
+
+
+@zen_kernels
+def test_mkl_answers_its_vendor_checks_as_an_amd_zen_processor():
+    import torch  # noqa: F401  (pins, unless a test before imported it: conftest imported stages first)
+
+    assert kernels.mkl_vendor == "pinned"
+    assert mkl_vendor_answers() == MKL_VENDOR_ANSWERS
+
+
+@zen_kernels
+def test_matrix_products_round_as_on_an_amd_processor():
+    product = python("import stages\n" + PRODUCT, "Haswell")
+    assert product.stdout.strip() == ZEN_PRODUCT_MD5, product.stderr
+
+
+@zen_kernels
+def test_a_stage_run_stops_when_torch_came_before_stages():
+    late = python("import torch\n"
+                  "torch.ones(2, 2) @ torch.ones(2, 2)\n"
+                  "import stages\n"
+                  "from stages.core.kernels import require_pinned_mkl\n"
+                  "require_pinned_mkl()", "Haswell")
+    assert late.returncode != 0 and "torch was imported before the package stages" in late.stderr
+
+
+def test_mkl_is_left_alone_on_a_cpu_without_the_zen_kernels_instructions(monkeypatch):
+    monkeypatch.setattr(kernels, "mkl_vendor", kernels.mkl_vendor)  # restored after the test
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
+    monkeypatch.setattr(kernels, "plt", None)  # any attempt to redirect would fail
+    kernels.pin_mkl_vendor(torch_came_first=False)
+    assert kernels.mkl_vendor == "left alone: the CPU lacks AVX2 or FMA"
 
 
 @x86_only

@@ -6,9 +6,20 @@ regressor and everything downstream then depend on the machine. Pinned here
 (an environment that sets a variable already wins, at the cost of that
 guarantee):
 
-* oneDNN (torch's convolutions), MKL (torch's matrix products) and ATen's own
-  vectorised kernels: AVX2, the newest set every machine of this kind has.
-  They read their variables when first used.
+* oneDNN (torch's convolutions) and ATen's own vectorised kernels: AVX2, the
+  newest set every machine of this kind has. They read their variables when
+  first used.
+* MKL (torch's float32 matrix products, compiled into ``libtorch_cpu.so``)
+  chooses by vendor: on AMD processors its Zen kernels, whatever
+  ``MKL_CBWR`` says; on Intel ones the branch ``MKL_CBWR`` names. The same
+  bytes on both vendors need one choice, so :func:`pin_mkl_vendor` answers
+  MKL's vendor checks as an AMD Zen processor does, on every x86-64 CPU with
+  AVX2 and FMA (the instructions those kernels use), by redirecting the
+  checks' PLT slots (:mod:`stages.core.plt`). MKL asks once, at its first
+  matrix product, so importing :mod:`stages` arranges for it to happen as
+  soon as torch is imported, and :func:`require_pinned_mkl` stops a stage run
+  in a process that imported torch first. ``MKL_CBWR=AVX2`` stays pinned for
+  a torch whose MKL cannot be reached that way (a warning says so).
 * OpenBLAS, numpy's and scipy's (SVM objectives, ridge box regressors, feature
   scaling): its Haswell kernels (AVX2). Unpinned, it picks its AVX-512
   (``SkylakeX``) kernels where the CPU has them, and the box regressors and SVM
@@ -27,22 +38,114 @@ Only on x86-64: the variables name x86 instruction sets.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import platform
+import sys
+import warnings
 from contextlib import AbstractContextManager
+from pathlib import Path
 
+from stages.core import plt
 from stages.core.errors import PipelineError
 
 PINNED_CPU_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                       "OPENBLAS_CORETYPE": "Haswell"}
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+# MKL's vendor checks and what an AMD Zen processor answers them
+MKL_VENDOR_ANSWERS = {"mkl_serv_intel_cpu_true": 0, "mkl_serv_intel_cpu": 0, "mkl_serv_cpuiszen": 1}
+ZEN_KERNEL_FLAGS = {"avx2", "fma"}
+
+mkl_vendor: str = "torch not imported yet"  # or "pinned", "torch imported first", "left alone: <why>"
 
 
 def pin_cpu_kernels() -> None:
-    """Set :data:`PINNED_CPU_KERNELS` in the environment (x86-64 only) unless it sets them already."""
-    if X86_64:
-        for name, value in PINNED_CPU_KERNELS.items():
-            os.environ.setdefault(name, value)
+    """Set :data:`PINNED_CPU_KERNELS` in the environment (x86-64 only) unless it sets them already, and pin
+    MKL's vendor (:func:`pin_mkl_vendor`) now if torch is loaded, else as soon as it is."""
+    if not X86_64:
+        return
+    for name, value in PINNED_CPU_KERNELS.items():
+        os.environ.setdefault(name, value)
+    if mkl_vendor == "torch not imported yet":
+        if "torch" in sys.modules:
+            pin_mkl_vendor(torch_came_first=True)
+        elif not any(isinstance(finder, _PinMklWhenTorchLoads) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _PinMklWhenTorchLoads())
+
+
+class _PinMklWhenTorchLoads(importlib.abc.MetaPathFinder):
+    """Pins MKL's vendor right after the module ``torch`` executes, before anything can compute with it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            pin_mkl_vendor(torch_came_first=False)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's first CPU (``/proc/cpuinfo``)."""
+    with open("/proc/cpuinfo") as info:
+        return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+
+
+def mkl_library() -> Path:
+    """torch's CPU library, MKL compiled in."""
+    import torch
+
+    return Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+
+
+def pin_mkl_vendor(torch_came_first: bool) -> None:
+    """Make MKL in this process answer its vendor checks as on an AMD Zen processor (module docstring); the
+    outcome goes to :data:`mkl_vendor`."""
+    global mkl_vendor
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        mkl_vendor = "left alone: torch has no MKL"
+        return
+    if not ZEN_KERNEL_FLAGS <= cpu_flags():
+        mkl_vendor = "left alone: the CPU lacks AVX2 or FMA"
+        return
+    library = mkl_library()
+    slots = plt.jump_slot_offsets(library, set(MKL_VENDOR_ANSWERS))
+    if slots.keys() != MKL_VENDOR_ANSWERS.keys():
+        mkl_vendor = f"left alone: {library.name} does not call MKL's vendor checks through its PLT"
+        warnings.warn(f"MKL's vendor checks were not found in {library}: torch's matrix products may round "
+                      "differently on Intel and AMD processors, and so may the trained models", stacklevel=2)
+        return
+    base = plt.load_address(library)
+    for name, offset in slots.items():
+        plt.redirect(base + offset, plt.constant_function(MKL_VENDOR_ANSWERS[name]))
+    mkl_vendor = "torch imported first" if torch_came_first else "pinned"
+
+
+def mkl_vendor_answers() -> dict[str, int]:
+    """What MKL's vendor checks now answer in this process (x86-64 with MKL only)."""
+    library = mkl_library()
+    base = plt.load_address(library)
+    slots = plt.jump_slot_offsets(library, set(MKL_VENDOR_ANSWERS))
+    return {name: plt.call_slot(base + offset) for name, offset in slots.items()}
+
+
+def require_pinned_mkl() -> None:
+    """Import torch (pinning MKL's vendor) and raise if torch was imported before :mod:`stages`: its matrix
+    products may then have run, and MKL chosen its kernels, before the pin."""
+    import torch  # noqa: F401
+
+    if mkl_vendor == "torch imported first":
+        raise PipelineError("torch was imported before the package stages, so MKL may have chosen its kernels by "
+                            "this CPU's vendor; import stages first")
 
 
 def loaded_openblas_kernels() -> set[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 from stages.core.config import Config
-from stages.core.kernels import one_blas_thread, pin_cpu_kernels, require_pinned_blas
+from stages.core.kernels import one_blas_thread, pin_cpu_kernels, require_pinned_blas, require_pinned_mkl
 
 # fan-out dimension -> the params key listing its values
 FAN_OUT = {"split": "data.splits", "shard": "sharding.shards", "recipe": "detect.recipes"}
@@ -232,5 +232,6 @@ def call(stage: Stage, cfg: Config, item: Mapping[str, Any]) -> None:
     (:mod:`stages.core.kernels`)."""
     pin_cpu_kernels()
     require_pinned_blas()
+    require_pinned_mkl()
     with one_blas_thread():
         stage.entry()(**arguments(stage, cfg, item))
