@@ -139,10 +139,8 @@ def mkl_vendor_answers() -> dict[str, int]:
 
 
 def require_pinned_mkl() -> None:
-    """Import torch (pinning MKL's vendor) and raise if torch was imported before :mod:`stages`: its matrix
-    products may then have run, and MKL chosen its kernels, before the pin."""
-    import torch  # noqa: F401
-
+    """Raise if torch was imported before :mod:`stages`: its matrix products may then have run, and MKL chosen
+    its kernels, before the pin (a stage that imports torch later is pinned as it does)."""
     if mkl_vendor == "torch imported first":
         raise PipelineError("torch was imported before the package stages, so MKL may have chosen its kernels by "
                             "this CPU's vendor; import stages first")
