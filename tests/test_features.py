@@ -140,7 +140,8 @@ def test_chunks_span_images_and_match_per_image_warps(cfg):
 
 def test_train_split_cache_with_the_finetuned_model(cfg):
     split = cfg.data.train_split
-    out = _run(cfg, split, layout.features_dir("rcnn", split) / "shard-0.h5", model="finetuned", batch_size=7)
+    out = _run(cfg, split, layout.features_dir("rcnn", split) / "shard-0.h5", model="finetuned", batch_size=7,
+               compression=4)
     model = load_model(layout.FINETUNED_MODEL)
     with PerImageReader([layout.index_file(split)]) as index, \
             PerImageReader([layout.proposals_shard(split, 0)]) as props, h5py.File(out) as f:
