@@ -111,8 +111,8 @@ def pin_mkl_vendor(torch_came_first: bool) -> None:
     global mkl_vendor
     import torch
 
-    if not torch.backends.mkl.is_available():
-        mkl_vendor = "left alone: torch has no MKL"
+    if not torch.backends.mkl.is_available() or not sys.platform.startswith("linux"):
+        mkl_vendor = "left alone: torch has no MKL, or not on Linux (whose ELF loader plt.py knows)"
         return
     if not ZEN_KERNEL_FLAGS <= cpu_flags():
         mkl_vendor = "left alone: the CPU lacks AVX2 or FMA"
