@@ -5,9 +5,9 @@ with the kernels MKL picks itself.
 * own choice: MKL's vendor checks left alone and ``MKL_CBWR=AVX2``, the pin before (on an Intel CPU its AVX2
   branch; an AMD CPU takes the Zen kernels either way, so there the two are the same).
 
-The work is SPP-net's fc layers (:mod:`stages.spp_finetune`'s shapes: a 5,600-d pooled pyramid, two 1,024-d
-layers and a 6-way classifier (5 classes and background), mini-batches of 128), trained with SGD for :data:`STEPS` steps: float32 matrix
-products and little else, the part of a stage that MKL's choice touches. The settings alternate, :data:`ROUNDS`
+The work is SPP-net's fc layers in :mod:`stages.spp_finetune`'s shapes (a 5,600-d pooled pyramid, two 1,024-d
+layers, a 6-way classifier for 5 classes and background, mini-batches of 128), trained with SGD for
+:data:`STEPS` steps: float32 matrix products and little else, the part of a stage that MKL's choice touches. The settings alternate, :data:`ROUNDS`
 times each, in fresh processes (MKL chooses at its first product). Printed: the median seconds under both, the
 ratio, and whether both trained the same bytes (not on an Intel CPU, which is what the pin is for).
 """

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import ctypes
 import platform
-from pathlib import Path
 
 import pytest
 
 from stages.core import plt
+from stages.core.kernels import mkl_library
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="x86-64 machine code and ELF layout")
@@ -26,9 +26,7 @@ def test_redirect_replaces_what_a_slot_calls():
 
 
 def test_jump_slots_are_found_by_name_and_only_for_functions_called_through_the_plt():
-    import torch
-
-    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    library = mkl_library()
     slots = plt.jump_slot_offsets(library, {"mkl_serv_intel_cpu_true", "no_such_function"})
     assert list(slots) == ["mkl_serv_intel_cpu_true"]
     assert plt.load_address(library) % 4096 == 0
