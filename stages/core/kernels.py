@@ -13,13 +13,14 @@ guarantee):
   chooses by vendor: on AMD processors its Zen kernels, whatever
   ``MKL_CBWR`` says; on Intel ones the branch ``MKL_CBWR`` names. The same
   bytes on both vendors need one choice, so :func:`pin_mkl_vendor` answers
-  MKL's vendor checks as an AMD Zen processor does, on every x86-64 CPU with
-  AVX2 and FMA (the instructions those kernels use), by redirecting the
-  checks' PLT slots (:mod:`stages.core.plt`). MKL asks once, at its first
-  matrix product, so importing :mod:`stages` arranges for it to happen as
-  soon as torch is imported, and :func:`require_pinned_mkl` stops a stage run
-  in a process that imported torch first. ``MKL_CBWR=AVX2`` stays pinned for
-  a torch whose MKL cannot be reached that way (a warning says so).
+  MKL's vendor checks as an AMD Zen processor does, on every x86-64 Linux
+  machine whose CPU has AVX2 and FMA (the instructions those kernels use),
+  by redirecting the checks' PLT slots (:mod:`stages.core.plt`). MKL asks
+  once, at its first matrix product, so importing :mod:`stages` arranges for
+  it to happen as soon as torch is imported, and :func:`require_pinned_mkl`
+  stops a stage run in a process that imported torch first.
+  ``MKL_CBWR=AVX2`` stays pinned off Linux and for a torch whose MKL cannot
+  be reached that way (a warning says so).
 * OpenBLAS, numpy's and scipy's (SVM objectives, ridge box regressors, feature
   scaling): its Haswell kernels (AVX2). Unpinned, it picks its AVX-512
   (``SkylakeX``) kernels where the CPU has them, and the box regressors and SVM
@@ -117,25 +118,29 @@ def pin_mkl_vendor(torch_came_first: bool) -> None:
     if not ZEN_KERNEL_FLAGS <= cpu_flags():
         mkl_vendor = "left alone: the CPU lacks AVX2 or FMA"
         return
-    library = mkl_library()
-    slots = plt.jump_slot_offsets(library, set(MKL_VENDOR_ANSWERS))
+    slots = vendor_check_slots()
     if slots.keys() != MKL_VENDOR_ANSWERS.keys():
+        library = mkl_library()
         mkl_vendor = f"left alone: {library.name} does not call MKL's vendor checks through its PLT"
         warnings.warn(f"MKL's vendor checks were not found in {library}: torch's matrix products may round "
                       "differently on Intel and AMD processors, and so may the trained models", stacklevel=2)
         return
-    base = plt.load_address(library)
-    for name, offset in slots.items():
-        plt.redirect(base + offset, plt.constant_function(MKL_VENDOR_ANSWERS[name]))
+    for name, slot in slots.items():
+        plt.redirect(slot, plt.constant_function(MKL_VENDOR_ANSWERS[name]))
     mkl_vendor = "torch imported first" if torch_came_first else "pinned"
 
 
-def mkl_vendor_answers() -> dict[str, int]:
-    """What MKL's vendor checks now answer in this process (x86-64 with MKL only)."""
+def vendor_check_slots() -> dict[str, int]:
+    """The address in this process of each PLT slot through which torch's library calls one of MKL's vendor
+    checks (:data:`MKL_VENDOR_ANSWERS`; a check it does not call is absent)."""
     library = mkl_library()
     base = plt.load_address(library)
-    slots = plt.jump_slot_offsets(library, set(MKL_VENDOR_ANSWERS))
-    return {name: plt.call_slot(base + offset) for name, offset in slots.items()}
+    return {name: base + offset for name, offset in plt.jump_slot_offsets(library, set(MKL_VENDOR_ANSWERS)).items()}
+
+
+def mkl_vendor_answers() -> dict[str, int]:
+    """What MKL's vendor checks now answer in this process (x86-64 Linux with MKL only)."""
+    return {name: plt.call_slot(slot) for name, slot in vendor_check_slots().items()}
 
 
 def require_pinned_mkl() -> None:
