@@ -7,9 +7,10 @@ with the kernels MKL picks itself.
 
 The work is SPP-net's fc layers in :mod:`stages.spp_finetune`'s shapes (a 5,600-d pooled pyramid, two 1,024-d
 layers, a 6-way classifier for 5 classes and background, mini-batches of 128), trained with SGD for
-:data:`STEPS` steps: float32 matrix products and little else, the part of a stage that MKL's choice touches. The settings alternate, :data:`ROUNDS`
-times each, in fresh processes (MKL chooses at its first product). Printed: the median seconds under both, the
-ratio, and whether both trained the same bytes (not on an Intel CPU, which is what the pin is for).
+:data:`STEPS` steps: float32 matrix products and little else, the part of a stage that MKL's choice touches.
+The settings alternate, :data:`ROUNDS` times each, in fresh processes (MKL chooses at its first product).
+Printed: the median seconds under both, the ratio, and whether both trained the same bytes (not on an Intel
+CPU, which is what the pin is for).
 """
 from __future__ import annotations
 
