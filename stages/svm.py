@@ -26,15 +26,21 @@ the mining benchmark) every negative of every image joins and the SVM is
 trained once, at the end: memory then grows with the number of negatives.
 
 The solver is liblinear's L2-regularised hinge loss (sklearn
-``LinearSVC(loss="hinge", dual=True)``), positive-class weight
+``LinearSVC(loss="hinge", dual=True)``), regularisation ``C_c`` for class
+``c`` (:func:`class_C`), positive-class weight
 ``positive_weight`` and bias multiplier ``intercept_scaling`` = ``s``:
 liblinear appends a constant feature ``s`` to every example, so it also
 regularises the bias ``b = s * w_s``. The objective it minimises, and that the
 report records for every training round, is therefore::
 
-    0.5 * |w|^2 + 0.5 * (b / s)^2 + C * positive_weight * sum_pos max(0, 1 - z) + C * sum_neg max(0, 1 + z)
+    0.5 * |w|^2 + 0.5 * (b / s)^2 + C_c * positive_weight * sum_pos max(0, 1 - z) + C_c * sum_neg max(0, 1 + z)
 
-with ``z = w . x + b`` (``x`` scaled). liblinear's coordinate descent visits the
+with ``z = w . x + b`` (``x`` scaled). The hinge losses add up over the
+examples, so one ``C`` regularises a class of 40 positives far harder than one
+of 3,000: ``C_c = C * C_positives / P_c`` keeps each class's balance of loss
+and margin that of a class of ``C_positives`` positives at ``C`` (R-CNN's
+0.001 at VOC07's ~630 a class); ``C_positives: 0`` gives every class ``C``.
+liblinear's coordinate descent visits the
 examples in an order drawn from a seed derived from ``(seed, class)``, so each
 class's model depends only on the data and the parameters, never on the number
 of worker processes. A class with no positives, or one that never meets a
@@ -48,11 +54,11 @@ beforehand in one pass by the parent. Memory is bounded by the positives and
 the negative caches, never by the size of the feature cache.
 
 Outputs. The model: HDF5 with datasets ``weights (C, D) float32`` and
-``biases (C,) float32``, attributes ``feature_scale``, ``classes`` (JSON),
+``biases (K,) float32`` (``K`` classes), attributes ``feature_scale``, ``classes`` (JSON),
 ``recipe``, ``split`` and the provenance (``params``, ``code_version``,
 ``inputs``), read back with :func:`load_svm`; scores are
 ``(fc * feature_scale) @ weights.T + biases``. The report (JSON):
-``feature_scale``, ``mean_norm``, and per class its ``status``, ``positives``,
+``feature_scale``, ``mean_norm``, and per class its ``status``, ``C``, ``positives``,
 ``negatives_seen``, ``final_cache_negatives`` and the ``rounds`` (one per
 training: ``pass``, ``image``, ``cache_negatives``, ``new_negatives``,
 ``evicted``, ``objective`` and its three terms, ``iterations``). The seconds
@@ -100,20 +106,25 @@ def class_seed(seed: int, class_index: int) -> int:
     return int(np.random.SeedSequence([seed, class_index]).generate_state(1)[0])
 
 
+def class_C(params: SvmParams, positives: int) -> float:
+    """liblinear's ``C`` for a class of ``positives`` ground-truth boxes (at least one)."""
+    return params.C * params.C_positives / positives if params.C_positives else params.C
+
+
 # --- one SVM -------------------------------------------------------------------------------------
 
 
 def fit_svm(
-    positives: np.ndarray, negatives: np.ndarray, params: SvmParams, random_state: int
+    positives: np.ndarray, negatives: np.ndarray, params: SvmParams, C: float, random_state: int
 ) -> tuple[np.ndarray, np.float32, int]:
-    """Train on ``(P, D)`` positives and ``(N, D)`` negatives (scaled, both non-empty).
+    """Train on ``(P, D)`` positives and ``(N, D)`` negatives (scaled, both non-empty) at regularisation ``C``.
 
     Returns the weights ``(D,)`` float32, the bias (float32) and liblinear's iteration count.
     """
     svm = LinearSVC(
         loss="hinge",
         dual=True,
-        C=params.C,
+        C=C,
         class_weight={1: params.positive_weight, 0: 1.0},
         fit_intercept=True,
         intercept_scaling=params.intercept_scaling,
@@ -128,15 +139,15 @@ def fit_svm(
 
 
 def objective(
-    weights: np.ndarray, bias: float, z_pos: np.ndarray, z_neg: np.ndarray, params: SvmParams
+    weights: np.ndarray, bias: float, z_pos: np.ndarray, z_neg: np.ndarray, params: SvmParams, C: float
 ) -> dict[str, float]:
-    """liblinear's primal objective and its terms, for scores ``z_pos (P,)`` and ``z_neg (N,)``.
+    """liblinear's primal objective at regularisation ``C`` and its terms, for scores ``z_pos (P,)`` and ``z_neg (N,)``.
 
     The regulariser includes the bias as liblinear sees it: ``b / intercept_scaling``.
     """
     w = np.asarray(weights, dtype=np.float64)
-    loss_positive = params.C * params.positive_weight * float(np.maximum(0.0, 1.0 - np.float64(z_pos)).sum())
-    loss_negative = params.C * float(np.maximum(0.0, 1.0 + np.float64(z_neg)).sum())
+    loss_positive = C * params.positive_weight * float(np.maximum(0.0, 1.0 - np.float64(z_pos)).sum())
+    loss_negative = C * float(np.maximum(0.0, 1.0 + np.float64(z_neg)).sum())
     regulariser = 0.5 * float(w @ w) + 0.5 * (float(bias) / params.intercept_scaling) ** 2
     return {
         "objective": loss_positive + loss_negative + regulariser,
@@ -150,13 +161,14 @@ class HardNegativeMiner:
     """The training cache of one class and its mining rules (see the module docstring).
 
     Feed it every image of every pass with :meth:`see_image`; it trains
-    whenever the rules say so. ``mining=False`` keeps every negative and trains
-    only at the last image.
+    whenever the rules say so, at the class's ``C`` (:func:`class_C`).
+    ``mining=False`` keeps every negative and trains only at the last image.
     """
 
     def __init__(self, positives: np.ndarray, params: SvmParams, random_state: int, mining: bool = True) -> None:
         self.positives = np.asarray(positives, dtype=np.float32)
         self.params = params
+        self.C = class_C(params, len(self.positives))
         self.random_state = random_state
         self.mining = mining
         self.weights: np.ndarray | None = None
@@ -213,7 +225,8 @@ class HardNegativeMiner:
             self._cache = np.concatenate([self._cache] + [x for _, x in self._pending])
             self._pending = []
         start = time.perf_counter()
-        self.weights, self.bias, iterations = fit_svm(self.positives, self._cache, self.params, self.random_state)
+        self.weights, self.bias, iterations = fit_svm(self.positives, self._cache, self.params, self.C,
+                                                      self.random_state)
         seconds = time.perf_counter() - start
         z_neg = self.score(self._cache)
         easy = z_neg < self.params.easy_threshold
@@ -223,7 +236,7 @@ class HardNegativeMiner:
             "cache_negatives": len(self._keys),
             "new_negatives": self.added,
             "evicted": int(easy.sum()),
-            **objective(self.weights, self.bias, self.score(self.positives), z_neg, self.params),
+            **objective(self.weights, self.bias, self.score(self.positives), z_neg, self.params, self.C),
             "iterations": iterations,
             "seconds": seconds,
         })
@@ -244,6 +257,7 @@ class ClassResult:
     weights: np.ndarray
     bias: float
     positives: int
+    C: float | None = None  # liblinear's, for a class that has positives
     negatives_seen: int = 0
     final_cache_negatives: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -251,6 +265,7 @@ class ClassResult:
     def report(self) -> dict[str, Any]:
         return {
             "status": self.status,
+            "C": self.C,
             "positives": self.positives,
             "negatives_seen": self.negatives_seen,
             "final_cache_negatives": self.final_cache_negatives,
@@ -318,9 +333,9 @@ def _result(class_index: int, miner: HardNegativeMiner) -> ClassResult:
     dim = miner.positives.shape[1]
     if miner.weights is None:
         return ClassResult(class_index, "no_negatives", np.zeros(dim, np.float32), NEVER_BIAS, len(miner.positives),
-                           miner.negatives_seen)
+                           miner.C, miner.negatives_seen)
     return ClassResult(class_index, "trained", miner.weights, float(miner.bias), len(miner.positives),
-                       miner.negatives_seen, miner.cache_size, miner.rounds)
+                       miner.C, miner.negatives_seen, miner.cache_size, miner.rounds)
 
 
 def _mine_all(tasks: list[MiningTask]) -> list[ClassResult]:

@@ -312,6 +312,7 @@ def test_bad_fast_rcnn_params(tmp_path: Path, key: str, value: Any, error: str) 
     ("fast_rcnn", "lr_drop", 1.5, "0 < lr_drop <= 1"),
     ("fast_rcnn", "warmup", -1, "warmup must be at least 0"),
     ("finetune", "learning_rate", 0.0, "learning_rate > 0"),
+    ("svm", "C_positives", -1, "C_positives must be 0 (one C for every class) or positive"),
 ])
 def test_bad_training_schedules(tmp_path: Path, section: str, key: str, value: Any, error: str) -> None:
     assert error in _error(_modified(tmp_path, section, key, value))

@@ -14,7 +14,7 @@ from stages.core.config import SvmParams
 from stages.core.store import create_per_image, shard_path
 from stages.data.featureset import IMAGE_DATASETS, FeatureSet, feature_row, norm_sample_rows, region_rows
 from stages.models.svm import SvmError, SvmModel, load_svm
-from stages.svm import HardNegativeMiner, objective
+from stages.svm import HardNegativeMiner, class_C, objective
 
 SPLIT = "trainval"
 DIM = 8
@@ -22,8 +22,8 @@ ROW_SCALE = 0.05  # raw features are small, so that feature_scale matters
 PROPOSALS = 40  # per image
 MEANS = 3.0 * np.eye(3, DIM)  # class c's features lie around 3 * e_c
 
-PARAMS = SvmParams(C=0.1, positive_weight=2.0, intercept_scaling=10.0, target_norm=20.0, norm_sample=300,
-                   neg_iou=0.3, hard_threshold=-1.0001, easy_threshold=-1.2, retrain_every=60, passes=1,
+PARAMS = SvmParams(C=0.1, C_positives=0, positive_weight=2.0, intercept_scaling=10.0, target_norm=20.0,
+                   norm_sample=300, neg_iou=0.3, hard_threshold=-1.0001, easy_threshold=-1.2, retrain_every=60, passes=1,
                    mining=True, seed=0)
 
 
@@ -127,7 +127,7 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
 
 def test_objective_by_hand():
     params = dataclasses.replace(PARAMS, C=0.1, positive_weight=2.0, intercept_scaling=10.0)
-    terms = objective(np.array([1.0, 2.0]), 10.0, np.array([0.5, 2.0]), np.array([-2.0, 0.0]), params)
+    terms = objective(np.array([1.0, 2.0]), 10.0, np.array([0.5, 2.0]), np.array([-2.0, 0.0]), params, params.C)
     # positives: 0.1 * 2 * (0.5 + 0); negatives: 0.1 * (0 + 1); regulariser: 0.5 * 5 + 0.5 * (10 / 10)^2
     assert terms["loss_positive"] == pytest.approx(0.1) and terms["loss_negative"] == pytest.approx(0.1)
     assert terms["regulariser"] == pytest.approx(3.0) and terms["objective"] == pytest.approx(3.2)
@@ -137,14 +137,21 @@ def test_objective_is_what_liblinear_minimises():
     rng = np.random.default_rng(0)
     pos, neg = rng.normal(1, 1, (40, 3)).astype(np.float32), rng.normal(-1, 1, (60, 3)).astype(np.float32)
     params = dataclasses.replace(PARAMS, C=1.0, intercept_scaling=2.0)
-    w, b, _ = svm.fit_svm(pos, neg, params, 0)
+    w, b, _ = svm.fit_svm(pos, neg, params, params.C, 0)
 
     def value(w, b):
-        return objective(w, b, pos @ w + b, neg @ w + b, params)["objective"]
+        return objective(w, b, pos @ w + b, neg @ w + b, params, params.C)["objective"]
 
     best = value(w, b)
     for delta in np.concatenate([np.eye(4), -np.eye(4)]) * 0.05:
         assert value(w + delta[:3], b + delta[3]) > best
+
+
+def test_class_C_scales_with_the_positives_by_hand():
+    params = dataclasses.replace(PARAMS, C=0.001, C_positives=630)
+    # R-CNN's balance at VOC07's 630 positives: 10x the C for 63 positives, a tenth of it for 6300
+    assert class_C(params, 63) == pytest.approx(0.01) and class_C(params, 6300) == pytest.approx(0.0001)
+    assert class_C(dataclasses.replace(params, C_positives=0), 63) == 0.001  # 0: one C for every class
 
 
 def hand_miner(retrain_every: int = 2, mining: bool = True) -> HardNegativeMiner:
@@ -208,6 +215,18 @@ def test_stage_scales_mines_and_separates(cache, tmp_path):
         assert stats["final_cache_negatives"] == added - sum(r["evicted"] for r in rounds)
         held_out = synthetic_images(1, 20, (0, 1), 2)
         assert accuracy(model, held_out, c) > 0.97
+
+
+def test_each_class_trains_at_its_own_C(cache, tmp_path):
+    fixed, _ = train(tmp_path, name="fixed")  # C 0.1 for both classes
+    positives = [sum(int((im["gt_label"] == c).sum()) for im in cache) for c in (0, 1)]
+    assert positives[0] != positives[1]
+    scaled, report = train(tmp_path, dataclasses.replace(PARAMS, C_positives=positives[0]), name="scaled")
+    # class 0 has C_positives positives: C 0.1 as before, the same model; class 1 gets 0.1 * P0 / P1, another one
+    C = [report["classes"][f"class{c}"]["C"] for c in (0, 1)]
+    assert C == pytest.approx([0.1, 0.1 * positives[0] / positives[1]])
+    assert (scaled.weights[0] == fixed.weights[0]).all() and scaled.biases[0] == fixed.biases[0]
+    assert not (scaled.weights[1] == fixed.weights[1]).all()
 
 
 def test_mining_agrees_with_all_at_once(cache, tmp_path):

@@ -271,9 +271,14 @@ class SppParams:
 
 @dataclass(frozen=True)
 class SvmParams:
-    """Per-class linear SVMs with hard-negative mining (stage ``svm``, R-CNN step 4)."""
+    """Per-class linear SVMs with hard-negative mining (stage ``svm``, R-CNN step 4).
+
+    A class of ``P`` positives trains at ``C * C_positives / P`` (``C`` alone
+    where ``C_positives`` is 0): see :mod:`stages.svm`.
+    """
 
     C: float
+    C_positives: int
     positive_weight: float
     intercept_scaling: float
     target_norm: float
@@ -289,6 +294,8 @@ class SvmParams:
     def __post_init__(self) -> None:
         if min(self.C, self.positive_weight, self.intercept_scaling, self.target_norm) <= 0:
             raise ConfigError("C, positive_weight, intercept_scaling and target_norm must be positive")
+        if self.C_positives < 0:
+            raise ConfigError(f"C_positives must be 0 (one C for every class) or positive, not {self.C_positives}")
         if min(self.norm_sample, self.retrain_every, self.passes) < 1 or not 0 <= self.neg_iou < 1:
             raise ConfigError("norm_sample, retrain_every and passes must be at least 1, and 0 <= neg_iou < 1")
         if self.easy_threshold >= self.hard_threshold:
