@@ -23,8 +23,8 @@ PROPOSALS = 40  # per image
 MEANS = 3.0 * np.eye(3, DIM)  # class c's features lie around 3 * e_c
 
 PARAMS = SvmParams(C=0.1, C_positives=0, positive_weight=2.0, intercept_scaling=10.0, target_norm=20.0,
-                   norm_sample=300, neg_iou=0.3, hard_threshold=-1.0001, easy_threshold=-1.2, retrain_every=60, passes=1,
-                   mining=True, seed=0)
+                   norm_sample=300, neg_iou=0.3, hard_threshold=-1.0001, easy_threshold=-1.2, retrain_every=60,
+                   passes=1, mining=True, seed=0)
 
 
 # --- synthetic feature cache ----------------------------------------------------------------------
