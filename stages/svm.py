@@ -53,7 +53,7 @@ once, reading each image's rows once per pass; the positives are collected
 beforehand in one pass by the parent. Memory is bounded by the positives and
 the negative caches, never by the size of the feature cache.
 
-Outputs. The model: HDF5 with datasets ``weights (C, D) float32`` and
+Outputs. The model: HDF5 with datasets ``weights (K, D) float32`` and
 ``biases (K,) float32`` (``K`` classes), attributes ``feature_scale``, ``classes`` (JSON),
 ``recipe``, ``split`` and the provenance (``params``, ``code_version``,
 ``inputs``), read back with :func:`load_svm`; scores are
@@ -141,7 +141,8 @@ def fit_svm(
 def objective(
     weights: np.ndarray, bias: float, z_pos: np.ndarray, z_neg: np.ndarray, params: SvmParams, C: float
 ) -> dict[str, float]:
-    """liblinear's primal objective at regularisation ``C`` and its terms, for scores ``z_pos (P,)`` and ``z_neg (N,)``.
+    """liblinear's primal objective at regularisation ``C`` and its terms, for scores ``z_pos (P,)`` and
+    ``z_neg (N,)``.
 
     The regulariser includes the bias as liblinear sees it: ``b / intercept_scaling``.
     """

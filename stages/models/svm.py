@@ -24,7 +24,7 @@ class SvmError(PipelineError, ValueError):
 
 @dataclass(frozen=True, eq=False)
 class SvmModel:
-    """Per-class linear SVMs: ``weights (C, D) float32``, ``biases (C,) float32``, ``classes`` (C names).
+    """Per-class linear SVMs: ``weights (K, D) float32``, ``biases (K,) float32``, ``classes`` (K names).
 
     ``feature_scale`` multiplies the raw fc features before the dot product.
     """
@@ -38,7 +38,7 @@ class SvmModel:
         weights = np.asarray(self.weights, dtype=np.float32)
         biases = np.asarray(self.biases, dtype=np.float32)
         if weights.ndim != 2 or biases.shape != (len(weights),) or len(self.classes) != len(weights):
-            raise ValueError(f"need weights (C, D), biases (C,) and C classes, got {weights.shape}, "
+            raise ValueError(f"need weights (K, D), biases (K,) and K classes, got {weights.shape}, "
                              f"{biases.shape} and {len(self.classes)} classes")
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "biases", biases)
@@ -46,7 +46,7 @@ class SvmModel:
         object.__setattr__(self, "classes", [str(c) for c in self.classes])
 
     def scores(self, fc: np.ndarray) -> np.ndarray:
-        """``(M, D)`` raw fc features -> ``(M, C)`` float32 SVM scores."""
+        """``(M, D)`` raw fc features -> ``(M, K)`` float32 SVM scores."""
         fc = np.asarray(fc)
         if fc.ndim != 2 or fc.shape[1] != self.weights.shape[1]:
             raise SvmError(f"features of shape {fc.shape} do not fit SVMs of dimension {self.weights.shape[1]} "
