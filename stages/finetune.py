@@ -20,7 +20,8 @@ of windows, three quarters background, are not what the statistics should
 describe; README, "R-CNN's fine-tuning"), and is trained with cross-entropy by
 the training engine
 (:func:`stages.core.engine.train`: SGD with momentum and weight decay, a step
-learning rate, autocast on CUDA, float32 on the CPU, checkpoints every
+learning rate, the weights written averaged over the last ``average_last`` of
+the steps, autocast on CUDA, float32 on the CPU, checkpoints every
 ``checkpoint_every`` iterations from which a rerun resumes to the same bytes).
 
 Data loading: batch ``b`` is fully described by ``(seed, b)`` (its windows and

@@ -311,6 +311,8 @@ def test_bad_fast_rcnn_params(tmp_path: Path, key: str, value: Any, error: str) 
     ("fast_rcnn", "lr_drop", 0.0, "0 < lr_drop <= 1"),
     ("fast_rcnn", "lr_drop", 1.5, "0 < lr_drop <= 1"),
     ("fast_rcnn", "warmup", -1, "warmup must be at least 0"),
+    ("finetune", "average_last", -0.1, "average_last must be between 0 and 1"),
+    ("finetune", "average_last", 1.5, "average_last must be between 0 and 1"),
     ("finetune", "learning_rate", 0.0, "learning_rate > 0"),
     ("svm", "C_positives", -1, "C_positives must be 0 (one C for every class) or positive"),
 ])

@@ -1,4 +1,5 @@
-"""The training engine: learning-rate schedule, checkpoints every k iterations, exact resume, foreign checkpoints."""
+"""The training engine: learning-rate schedule, weight averaging, checkpoints every k iterations, exact resume, foreign
+checkpoints."""
 from __future__ import annotations
 
 import random
@@ -96,6 +97,19 @@ def test_sgd_steps_by_the_schedule(tmp_path):
     assert model.weight.item() == pytest.approx(-(0.1 + 0.1 + 0.05 + 0.05 + 0.025))
 
 
+def test_weights_averaged_over_the_last_iterations_by_hand(tmp_path):
+    # loss = w: the weights after steps 1-5 are -0.1, -0.2, -0.25, -0.3, -0.325; the last 2 of 5 are averaged
+    sched = schedule(momentum=0.0, weight_decay=0.0, iterations=5, lr_step=2, average_last=0.4)
+    assert sched.averaged_iterations == 2 and schedule(iterations=5, average_last=0.01).averaged_iterations == 1
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    saved = []
+    train(model, Batches(), sched, Checkpointing(tmp_path / "checkpoint.pt", 0, PROVENANCE),
+          lambda trained: saved.append(trained.weight.item()), tmp_path / "curve.csv", name="test", num_workers=1,
+          step=lambda m, batch: (m.weight.sum(), torch.tensor(1.0)))
+    assert saved == [pytest.approx(-(0.3 + 0.325) / 2)]
+
+
 def test_checkpoints_every_k_iterations_never_at_the_last_and_removed_at_the_end(tmp_path, monkeypatch):
     checkpoint = tmp_path / "checkpoint.pt"
     written = []
@@ -109,11 +123,13 @@ def test_checkpoints_every_k_iterations_never_at_the_last_and_removed_at_the_end
     assert lines[0] == "iteration,loss,accuracy" and [line.split(",")[0] for line in lines[1:]] == list("123456")
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
-    whole = fit(tmp_path / "whole", schedule(iterations=7), every=3)
+@pytest.mark.parametrize("average_last", [0.0, 0.5])  # 0.5: the last 4 of 7 averaged, the crash after the 6th
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, average_last):
+    sched = schedule(iterations=7, average_last=average_last)
+    whole = fit(tmp_path / "whole", sched, every=3)
     with monkeypatch.context() as patch, pytest.raises(Crash):
         patch.setattr(engine, "reached", crash_at(2))
-        fit(tmp_path / "resumed", schedule(iterations=7), every=3)
+        fit(tmp_path / "resumed", sched, every=3)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 6
 
     steps = []
@@ -122,7 +138,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         steps.append(1)
         return noisy_step(model, batch)
     # another initialisation and other generator states: the checkpoint must restore them all
-    assert fit(tmp_path / "resumed", schedule(iterations=7), every=3, step=counting, seed=1) == whole
+    assert fit(tmp_path / "resumed", sched, every=3, step=counting, seed=1) == whole
     assert len(steps) == 1 and not (tmp_path / "resumed" / "checkpoint.pt").exists()
     assert (tmp_path / "resumed" / "curve.csv").read_text() == (tmp_path / "whole" / "curve.csv").read_text()
 

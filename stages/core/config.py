@@ -156,7 +156,8 @@ class ProposalParams:
 def check_schedule(section: Any) -> None:
     """Validate a section's training length and learning rate (:meth:`stages.core.engine.Schedule.of` reads them):
     ``epochs`` passes over the training data, at most ``max_iterations`` SGD steps, the learning rate times
-    ``lr_gamma`` every ``lr_drop`` of them, a linear ``warmup`` (where the section has one)."""
+    ``lr_gamma`` every ``lr_drop`` of them, a linear ``warmup`` and the weights averaged over the last
+    ``average_last`` of the steps (where the section has them)."""
     if section.epochs <= 0 or section.max_iterations < 1 or section.learning_rate <= 0:
         raise ConfigError(f"need epochs > 0, max_iterations >= 1 and learning_rate > 0, got {section.epochs}, "
                           f"{section.max_iterations}, {section.learning_rate}")
@@ -165,6 +166,8 @@ def check_schedule(section: Any) -> None:
                           f"{section.momentum}, {section.weight_decay}")
     if getattr(section, "warmup", 0) < 0:
         raise ConfigError(f"warmup must be at least 0, got {section.warmup}")
+    if not 0 <= getattr(section, "average_last", 0) <= 1:
+        raise ConfigError(f"average_last must be between 0 and 1, got {section.average_last}")
 
 
 def check_sampling(section: Any) -> None:
@@ -193,6 +196,7 @@ class FinetuneParams:
     weight_decay: float
     lr_drop: float
     lr_gamma: float
+    average_last: float
     mirror: bool
     seed: int
 

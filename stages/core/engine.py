@@ -9,7 +9,9 @@ the rest, the same way for every stage:
 * the device and precision of :mod:`stages.core.device`, with a
   :class:`torch.amp.GradScaler` under float16 autocast;
 * SGD with momentum and weight decay over the parameters that require
-  gradients, the learning rate of :meth:`Schedule.lr_factor`;
+  gradients, the learning rate of :meth:`Schedule.lr_factor`, and the
+  weights' average over the last iterations where the schedule asks for it
+  (:attr:`Schedule.average_last`, :class:`torch.optim.swa_utils.AveragedModel`);
 * loading: batch numbers ``start, ..., iterations - 1`` through a
   :class:`~torch.utils.data.DataLoader`, read by spawned worker processes (a
   fork of a process whose torch/OpenCV thread pools already run can deadlock)
@@ -23,10 +25,11 @@ the rest, the same way for every stage:
 Resuming is exact: a resumed CPU run writes the same model bytes as an
 uninterrupted one. The data order is a function of the iteration (the sampler
 restarts at the checkpoint's iteration), and the checkpoint restores the model,
-the optimiser (momentum buffers), the learning-rate schedule, the gradient
-scaler, the curve so far and every random generator (dropout draws from
-torch's; the loader draws its worker seeds from a generator of its own, so
-starting a loader leaves torch's stream where the checkpoint found it).
+its running average, the optimiser (momentum buffers), the learning-rate
+schedule, the gradient scaler, the curve so far and every random generator
+(dropout draws from torch's; the loader draws its worker seeds from a generator
+of its own, so starting a loader leaves torch's stream where the checkpoint
+found it).
 """
 from __future__ import annotations
 
@@ -65,7 +68,10 @@ class TrainingError(PipelineError, ValueError):
 class Schedule:
     """``iterations`` SGD steps; the learning rate is multiplied by ``lr_gamma`` every ``lr_step`` iterations.
 
-    ``warmup`` > 0 adds a linear warm-up over the first ``warmup`` iterations.
+    ``warmup`` > 0 adds a linear warm-up over the first ``warmup`` iterations. ``average_last`` > 0 makes the
+    trained model the mean of the weights after each of the last :attr:`averaged_iterations` iterations instead of
+    the last iterate (Polyak-Ruppert averaging), which steadies the result against the seed's draws (README, "R-CNN
+    over five seeds").
     """
 
     iterations: int
@@ -75,6 +81,7 @@ class Schedule:
     lr_step: int
     lr_gamma: float
     warmup: int = 0
+    average_last: float = 0.0
 
     @classmethod
     def of(cls, params: object, examples: int, batch: int) -> Schedule:
@@ -90,6 +97,11 @@ class Schedule:
         taken = {f.name: getattr(params, f.name) for f in fields(cls)
                  if f.name not in ("iterations", "lr_step") and hasattr(params, f.name)}
         return cls(iterations=iterations, lr_step=max(1, round(params.lr_drop * iterations)), **taken)
+
+    @property
+    def averaged_iterations(self) -> int:
+        """How many of the last iterates the trained model averages: ``average_last`` of them, at least one."""
+        return max(1, round(self.average_last * self.iterations))
 
     def lr_factor(self, iteration: int) -> float:
         """The learning rate of 0-based ``iteration``, over ``learning_rate``.
@@ -161,7 +173,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 class _Training:
-    """What a checkpoint holds besides the random generators: model, optimiser, schedule, scaler, curve so far."""
+    """What a checkpoint holds besides the random generators: model, its running average (``average_last``),
+    optimiser, schedule, scaler, curve so far."""
 
     def __init__(self, model: nn.Module, schedule: Schedule, device: torch.device) -> None:
         self.model = model
@@ -169,6 +182,8 @@ class _Training:
                                          momentum=schedule.momentum, weight_decay=schedule.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: schedule.lr_factor(i))
         self.scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device))
+        self.averaged = torch.optim.swa_utils.AveragedModel(model) if schedule.average_last > 0 else None
+        self.average_from = schedule.iterations - schedule.averaged_iterations
         self.losses: list[float] = []
         self.accuracies: list[float] = []
 
@@ -178,6 +193,7 @@ class _Training:
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
+            "averaged": None if self.averaged is None else self.averaged.state_dict(),
             "losses": list(self.losses),
             "accuracies": list(self.accuracies),
         }
@@ -187,6 +203,8 @@ class _Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["grad_scaler"])
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state["averaged"])
         self.losses, self.accuracies = list(state["losses"]), list(state["accuracies"])
 
     def step(self, step: Step, batch: Any, device: torch.device) -> tuple[float, float]:
@@ -198,6 +216,20 @@ class _Training:
         self.scaler.update()
         self.lr_schedule.step()
         return loss.item(), accuracy.item()
+
+    def average(self, iteration: int) -> None:
+        """Add the weights after 1-based ``iteration`` to the average if it is one of the averaged last ones."""
+        if self.averaged is not None and iteration > self.average_from:
+            self.averaged.update_parameters(self.model)
+
+    def trained_model(self) -> nn.Module:
+        """The model with its weights averaged (with ``average_last``; buffers, e.g. batch-norm statistics, stay the
+        last iterate's), else as the last step left it."""
+        if self.averaged is not None:
+            with torch.no_grad():
+                for weight, mean in zip(self.model.parameters(), self.averaged.module.parameters()):
+                    weight.copy_(mean)
+        return self.model
 
 
 def rng_state() -> dict[str, Any]:
@@ -285,7 +317,8 @@ def train(
     ``step(model, batch)`` (run under autocast, ``batch`` already on the device)
     returns the loss to minimise and the accuracy, 0-d tensors. ``num_workers``
     loader workers, 0 = all cores. At the end ``save_model`` gets the trained
-    model, in eval mode on the CPU, to write the stage's artifact; then the
+    model (its weights averaged over the last iterations if ``schedule.average_last``), in eval mode on the CPU, to
+    write the stage's artifact; then the
     loss curve is written to ``curve_path`` and the checkpoint removed.
     ``name`` labels the progress bar and messages. :class:`TrainingError` if
     the loss stops being finite, naming the iteration and ``describe(batch)``
@@ -297,7 +330,9 @@ def train(
     model.to(device).train()
     training = _Training(model, schedule, device)
     print(f"{name}: {schedule.iterations} iterations, learning rate {schedule.learning_rate:g} (x{schedule.lr_gamma:g} "
-          f"every {schedule.lr_step})", flush=True)
+          f"every {schedule.lr_step}"
+          + (f", weights averaged over the last {schedule.averaged_iterations})" if schedule.average_last else ")"),
+          flush=True)
     start = _resume(training, checkpointing, name)
     loader = _loader(batches, start, schedule.iterations, num_workers, worker_init, device)
     progress = tqdm(loader, total=schedule.iterations, initial=start, desc=name, unit="it")
@@ -307,6 +342,7 @@ def train(
             kept = f"; the last checkpoint, {checkpointing.path}, is kept" if checkpointing.path.is_file() else ""
             raise TrainingError(f"{name}: training diverged at iteration {iteration} (loss {loss}"
                                 f"{describe(batch)}){kept}; lower the learning rate")
+        training.average(iteration)
         training.losses.append(loss)
         training.accuracies.append(accuracy)
         recent = slice(-CURVE_WINDOW, None)
@@ -315,7 +351,7 @@ def train(
         if checkpointing.due(iteration, schedule.iterations):
             _write_checkpoint(training, checkpointing, iteration)
     progress.close()
-    save_model(model.cpu().eval())
+    save_model(training.trained_model().cpu().eval())
     every = max(1, schedule.iterations // CURVE_ROWS)
     write_text(curve_path, "\n".join(curve_rows(training.losses, training.accuracies, every)) + "\n")
     checkpointing.path.unlink(missing_ok=True)
